@@ -1,0 +1,303 @@
+"""The ``nmosd-ms`` command line: one verb per workflow step.
+
+Only argument handling lives here; each verb calls one library function. User errors
+(:class:`~nmosd_ms.errors.NmosdError`, invalid options) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import NmosdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Tell NMOSD from MS on 3D T2-FLAIR white-matter-lesion maps (research use only).",
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn user errors into one line + exit 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NmosdError as exc:
+            fail(str(exc), exc.exit_code)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            fail(f"invalid option {where}: {first.get('msg')}")
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+class Bar:
+    """A rich progress bar driven by ``callback(done, total)``."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:  # on an error, leave only the error line on stderr
+            self.progress.live.transient = True
+        self.progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int, label: str | None = None) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.label, total=total)
+        self.progress.update(
+            self.task, completed=done, total=total, description=label or self.label
+        )
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"nmosd-ms {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+):
+    """nmosd-ms: phantom -> prepare -> cv -> report -> export -> predict."""
+
+
+@app.command()
+@user_errors
+def prepare(
+    dataset: Annotated[Path, typer.Argument(help="BIDS folder or manifest .tsv/.csv")],
+    out_dir: Annotated[Path, typer.Option("--out", help="cache folder to write")],
+    size: Annotated[int, typer.Option(help="output edge length S (paper: 100)")] = 100,
+    input_kind: Annotated[
+        str, typer.Option("--input", help="lesion-mask | lesion-flair | flair")
+    ] = "lesion-mask",
+    interpolation: Annotated[str, typer.Option(help="antialiased | trilinear")] = "antialiased",
+    lesions: Annotated[str, typer.Option(help="BIDS derivatives pipeline with lesion masks")] = (
+        "lesions"
+    ),
+    label_column: Annotated[str, typer.Option(help="participants.tsv label column")] = "diagnosis",
+    segment_missing: Annotated[
+        bool, typer.Option(help="segment WMH from the FLAIR where a lesion mask is missing")
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, help="subjects processed in parallel")] = 1,
+):
+    """Crop, reorient and resize a cohort into model-ready S³ volumes."""
+    from .config import PrepareConfig
+    from .data.ingest import load_cohort
+    from .data.preprocess import prepare as run_prepare
+
+    config = PrepareConfig(
+        size=size, input=input_kind, interpolation=interpolation, segment_missing=segment_missing
+    )
+    cohort = load_cohort(dataset, lesions, label_column, require_lesion_masks=not segment_missing)
+    with Bar("prepare") as bar:
+        summary = run_prepare(cohort, out_dir, config, workers=workers, progress=bar)
+    out.print(
+        f"prepared {summary['n_subjects']} subjects ({summary['counts']['NMOSD']} NMOSD, "
+        f"{summary['counts']['MS']} MS; {summary['reused']} reused) -> {out_dir}"
+    )
+
+
+def _parse_model_sizes(values: list[str]) -> dict[str, int]:
+    sizes = {}
+    for v in values:
+        name, _, num = v.partition("=")
+        if not num.isdigit():
+            raise NmosdError(f"--model-size expects MODEL=SIZE, got '{v}'")
+        sizes[name.strip()] = int(num)
+    return sizes
+
+
+@app.command()
+@user_errors
+def phantom(
+    out_dir: Annotated[Path, typer.Argument(help="new folder for the synthetic BIDS cohort")],
+    n_nmosd: Annotated[int, typer.Option(min=0, help="NMOSD-like subjects")] = 41,
+    n_ms: Annotated[int, typer.Option(min=0, help="MS-like subjects")] = 47,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same cohort)")] = 0,
+    difficulty: Annotated[str, typer.Option(help="easy | paper | hard (class overlap)")] = "paper",
+    resolution: Annotated[int, typer.Option(help="template resolution in mm (1 or 2)")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="subjects generated in parallel")] = 1,
+):
+    """Generate a synthetic NMOSD/MS cohort (BIDS) from the MNI152 template."""
+    from .phantom import generate_cohort
+
+    with Bar("phantom") as bar:
+        df = generate_cohort(out_dir, n_nmosd, n_ms, seed, difficulty, resolution, workers, bar)
+    counts = df["diagnosis"].value_counts()
+    out.print(
+        f"wrote {len(df)} subjects ({counts.get('NMOSD', 0)} NMOSD, "
+        f"{counts.get('MS', 0)} MS) -> {out_dir}"
+    )
+
+
+@app.command()
+@user_errors
+def cv(
+    cache_dir: Annotated[Path, typer.Argument(help="prepared cache (nmosd-ms prepare)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run folder (resumed if it exists)")],
+    models: Annotated[str, typer.Option(help="comma-separated model names")] = (
+        "twoview-18,resnet3d-18"
+    ),
+    repeats: Annotated[int, typer.Option(min=1)] = 15,
+    folds: Annotated[int, typer.Option(min=2)] = 5,
+    seed: Annotated[int, typer.Option()] = 0,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    lr: Annotated[float, typer.Option()] = 0.01,
+    momentum: Annotated[float, typer.Option()] = 0.9,
+    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    shift: Annotated[int, typer.Option(min=0, help="max random shift (voxels)")] = 5,
+    flip: Annotated[bool, typer.Option(help="random left-right flips")] = True,
+    class_weights: Annotated[bool, typer.Option(help="inverse-frequency loss weights")] = False,
+    inner_val: Annotated[float, typer.Option(help="inner validation fraction (early stop)")] = 0.0,
+    patience: Annotated[int, typer.Option(min=1)] = 20,
+    weights: Annotated[str, typer.Option(help="none | imagenet | weight file")] = "none",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    model_size: Annotated[
+        list[str] | None, typer.Option(help="MODEL=S: smaller input size for one model")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(min=1, help="epochs between held-out curve points")
+    ] = 1,
+    executor: Annotated[str, typer.Option(help="local | dask")] = "local",
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster workers")] = 2,
+):
+    """Repeated stratified k-fold cross-validation (paper: 5 folds x 15 repeats)."""
+    from .config import CVConfig, TrainConfig
+    from .training.cv import run_cv
+
+    train = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        shift=shift,
+        flip=flip,
+        class_weights=class_weights,
+        inner_val=inner_val,
+        patience=patience,
+        weights=weights,
+        precision=precision,
+        eval_every=eval_every,
+    )
+    config = CVConfig(
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        repeats=repeats,
+        folds=folds,
+        seed=seed,
+        model_sizes=_parse_model_sizes(model_size or []),
+        train=train,
+    )
+    if device not in ("auto", "cpu", "cuda"):
+        raise NmosdError("--device must be auto, cpu or cuda")
+    with Bar("cv") as bar:
+        meta = run_cv(
+            cache_dir,
+            out_dir,
+            config,
+            device=device,
+            executor=executor,
+            scheduler=scheduler,
+            workers=workers,
+            progress=bar,
+        )
+    out.print(f"cv finished: {', '.join(meta['models'])} -> {out_dir}/results/folds.tsv")
+    out.print(f"next: nmosd-ms report {out_dir}")
+
+
+@app.command()
+@user_errors
+def models(
+    size: Annotated[int, typer.Option(min=8, help="input size S for the FLOP count")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """List the model registry with parameters and FLOPs per forward at size S."""
+    import json
+
+    from rich.table import Table
+
+    from .models import MODELS
+    from .models.complexity import count_flops, count_parameters
+
+    rows = []
+    for name, spec in MODELS.items():
+        if spec.is_torch:
+            net = spec.build(size=size)
+            rows.append(
+                {
+                    "name": name,
+                    "parameters": count_parameters(net),
+                    "flops": count_flops(net, size),
+                    "description": spec.description,
+                }
+            )
+        else:
+            rows.append(
+                {"name": name, "parameters": None, "flops": None, "description": spec.description}
+            )
+    if as_json:
+        print(json.dumps([{k: r[k] for k in ("name", "parameters", "flops")} for r in rows]))
+        return
+    table = Table(title=f"nmosd-ms models (S = {size})")
+    for col in ("name", "parameters", "GFLOPs", "description"):
+        table.add_column(col)
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "-"
+        flops = f"{r['flops'] / 1e9:.2f}" if r["flops"] else "-"
+        table.add_row(r["name"], params, flops, r["description"])
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BaseException:  # pragma: no cover - last resort so users never see a bare crash
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

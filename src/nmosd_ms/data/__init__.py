@@ -1,0 +1,1 @@
+"""Cohort ingestion, NIfTI validation and preprocessing."""

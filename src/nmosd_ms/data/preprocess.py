@@ -1,0 +1,299 @@
+"""``prepare``: a cohort of NIfTI scans becomes a cache of S³ float32 volumes.
+
+Per subject, as in the paper: reorient to RAS, compute the crop kernel from the FLAIR's foreground
+(brain mask when given, else Otsu + largest component; mask-only data use the brain or lesion
+mask), crop the lesion image with the same box, resize to S³. Every subject is computed before
+anything is written, so a bad subject leaves the cache untouched.
+
+Cache layout::
+
+    CACHE_DIR/index.tsv       one row per subject (paths, sha256, crop box in source voxels)
+    CACHE_DIR/<id>.npy        float32 (S, S, S), canonical RAS axes
+    CACHE_DIR/features.tsv    lesion-load features (nmosd_ms.data.features)
+    CACHE_DIR/spatial.json    per-subject SpatialRecord for the inverse map
+    CACHE_DIR/prepare.json    parameters, versions, cohort hash (written last)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import LABELS, __version__
+from ..config import PrepareConfig
+from ..errors import NmosdError
+from ..io import read_json, read_tsv, save_npy, sha256_file, sha256_text, write_json, write_tsv
+from . import nifti
+from .features import FEATURES, lesion_features
+from .ingest import Cohort, Subject
+from .spatial import SpatialRecord, crop_box, head_mask, resize, to_canonical
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PreparedSubject:
+    array: np.ndarray
+    row: dict
+    features: dict
+    record: SpatialRecord
+
+
+def _normalise_flair(flair: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
+    values = flair[fg] if fg is not None and fg.any() else flair[flair > 0]
+    scale = float(np.percentile(values, 99)) if values.size else 1.0
+    return np.clip(flair / max(scale, 1e-6), 0.0, 2.0).astype(np.float32)
+
+
+def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
+    """Load, validate and preprocess one subject (see the module docstring)."""
+    pid = subject.participant_id
+    flair = nifti.load(subject.flair, f"{pid} FLAIR") if subject.flair else None
+    lesion = nifti.load(subject.lesion_mask, f"{pid} lesion mask") if subject.lesion_mask else None
+    brain = nifti.load(subject.brain_mask, f"{pid} brain mask") if subject.brain_mask else None
+    ref, ref_what = (flair, "FLAIR") if flair is not None else (lesion, "lesion mask")
+    if ref is None:
+        raise NmosdError(f"participant {pid}: neither a FLAIR nor a lesion mask is given")
+    for img, what in ((lesion, "lesion mask"), (brain, "brain mask")):
+        if img is not None and img is not ref:
+            nifti.check_same_grid(ref, img, f"{pid} {ref_what}", f"{pid} {what}")
+    if config.input in ("flair", "lesion-flair") and flair is None:
+        raise NmosdError(f"participant {pid}: --input {config.input} needs a FLAIR image")
+
+    lesion_source = "given"
+    if lesion is None:
+        if not config.segment_missing or flair is None:
+            raise NmosdError(
+                f"participant {pid}: no lesion mask (use --segment-missing with a FLAIR)"
+            )
+        from ..segment import segment_wmh
+
+        seg = segment_wmh(flair.data, flair.zooms, brain.data > 0 if brain is not None else None)
+        lesion = nifti.Image(seg.astype(np.float32), flair.affine, None)
+        lesion_source = "segmented"
+
+    affine = ref.affine
+    lesion_c, canon_affine = to_canonical(lesion.data, affine)
+    lesion_c = lesion_c > 0
+    flair_c = to_canonical(flair.data, affine)[0] if flair is not None else None
+    brain_c = to_canonical(brain.data, affine)[0] > 0 if brain is not None else None
+
+    if brain_c is not None:
+        fg, stride, crop_from = brain_c, 1, "brain-mask"
+    elif flair_c is not None:
+        (fg, stride), crop_from = head_mask(flair_c), "flair-otsu"
+    else:
+        fg, stride, crop_from = lesion_c, 1, "lesion-mask"
+    lo, hi = crop_box(fg, stride, lesion_c.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+
+    if config.input == "lesion-mask":
+        image = lesion_c[box].astype(np.float32)
+    else:
+        norm = _normalise_flair(flair_c[box], brain_c[box] if brain_c is not None else None)
+        image = norm * lesion_c[box] if config.input == "lesion-flair" else norm
+    array = resize(image, config.size, config.interpolation).astype(np.float32)
+
+    record = SpatialRecord(
+        source_shape=ref.shape,
+        source_affine=tuple(tuple(float(v) for v in r) for r in affine),
+        box_lo=lo,
+        box_hi=hi,
+        size=(config.size,) * 3,
+    )
+    zooms = np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0))
+    feats = lesion_features(lesion_c, zooms, lo, hi, config.min_lesion_voxels)
+    src_lo, src_hi = record.source_box()
+    row = {
+        "participant_id": pid,
+        "diagnosis": subject.diagnosis,
+        "array": f"{pid}.npy",
+        "crop_box": ",".join(f"{a}:{b}" for a, b in zip(src_lo, src_hi, strict=True)),
+        "crop_from": crop_from,
+        "lesion_source": lesion_source,
+        "lesion_voxels": int(lesion_c.sum()),
+        "lesion_ml": float(lesion_c.sum()) * ref.voxel_ml,
+        "flair": str(subject.flair or ""),
+        "lesion_mask": str(subject.lesion_mask or ""),
+        "brain_mask": str(subject.brain_mask or ""),
+    }
+    return PreparedSubject(array, row, feats, record)
+
+
+def _source_hashes(subject: Subject) -> dict[str, str]:
+    return {
+        f"{k}_sha256": sha256_file(p) if p else ""
+        for k, p in (
+            ("flair", subject.flair),
+            ("lesion_mask", subject.lesion_mask),
+            ("brain_mask", subject.brain_mask),
+        )
+    }
+
+
+def _params(config: PrepareConfig) -> dict:
+    return config.model_dump(mode="json")
+
+
+def prepare(
+    cohort: Cohort,
+    out_dir: str | Path,
+    config: PrepareConfig,
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> dict:
+    """Prepare ``cohort`` into ``out_dir``; reuse subjects whose inputs and parameters are unchanged.
+
+    Returns a summary dict (also the content of prepare.json).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NmosdError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "prepare.json").is_file():
+        raise NmosdError(f"--out {out} is a non-empty folder that is not a prepare cache")
+    params = _params(config)
+    previous: dict[str, dict] = {}
+    old_records: dict = {}
+    old_features: dict[str, dict] = {}
+    if (out / "prepare.json").is_file():
+        old = read_json(out / "prepare.json")
+        if old.get("params") == params:
+            idx = read_tsv(out / "index.tsv", keep_empty=True)
+            previous = {r["participant_id"]: r for r in idx.to_dict("records")}
+            old_records = read_json(out / "spatial.json")
+            feats = read_tsv(out / "features.tsv")
+            old_features = {r["participant_id"]: r for r in feats.to_dict("records")}
+
+    hashes = {s.participant_id: _source_hashes(s) for s in cohort.subjects}
+    todo, reused = [], {}
+    for s in cohort.subjects:
+        prev = previous.get(s.participant_id)
+        same = (
+            prev is not None
+            and prev["diagnosis"] == s.diagnosis
+            and all(prev.get(k) == v for k, v in hashes[s.participant_id].items())
+            and prev.get("flair") == str(s.flair or "")
+            and prev.get("lesion_mask") == str(s.lesion_mask or "")
+            and (out / prev["array"]).is_file()
+        )
+        if same:
+            reused[s.participant_id] = prev
+        else:
+            todo.append(s)
+
+    results: dict[str, PreparedSubject] = {}
+    done = len(reused)
+    if progress:
+        progress(done, len(cohort))
+
+    def work(s: Subject) -> tuple[str, PreparedSubject]:
+        return s.participant_id, prepare_subject(s, config)
+
+    if workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for pid, res in pool.map(work, todo):
+                results[pid] = res
+                done += 1
+                if progress:
+                    progress(done, len(cohort))
+    else:
+        for s in todo:
+            pid, res = work(s)
+            results[pid] = res
+            done += 1
+            if progress:
+                progress(done, len(cohort))
+
+    # Everything validated and computed: now write.
+    out.mkdir(parents=True, exist_ok=True)
+    rows, feature_rows, records = [], [], {}
+    for s in cohort.subjects:
+        pid = s.participant_id
+        if pid in results:
+            r = results[pid]
+            save_npy(out / r.row["array"], r.array)
+            rows.append({**r.row, **hashes[pid]})
+            feature_rows.append({"participant_id": pid, "diagnosis": s.diagnosis, **r.features})
+            records[pid] = r.record.to_json()
+        else:
+            rows.append(reused[pid])
+            f = old_features[pid]
+            feature_rows.append({k: f[k] for k in ("participant_id", "diagnosis", *FEATURES)})
+            records[pid] = old_records[pid]
+    index = pd.DataFrame(rows)
+    features = pd.DataFrame(feature_rows, columns=["participant_id", "diagnosis", *FEATURES])
+    for stale in set(previous) - {s.participant_id for s in cohort.subjects}:
+        (out / previous[stale]["array"]).unlink(missing_ok=True)
+    write_tsv(out / "index.tsv", index)
+    write_tsv(out / "features.tsv", features)
+    write_json(out / "spatial.json", records)
+    summary = {
+        "tool": "nmosd-ms prepare",
+        "version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": cohort.source,
+        "params": params,
+        "n_subjects": len(index),
+        "counts": {lab: int((index["diagnosis"] == lab).sum()) for lab in LABELS},
+        "reused": len(reused),
+        "computed": len(results),
+        "cohort_hash": sha256_text(
+            index.drop(columns=["flair", "lesion_mask", "brain_mask"]).to_csv(sep="\t")
+        ),
+    }
+    write_json(out / "prepare.json", summary)
+    return summary
+
+
+@dataclass
+class PreparedCohort:
+    """A prepared cache loaded in memory (the whole cohort is small)."""
+
+    path: Path
+    index: pd.DataFrame
+    volumes: np.ndarray  # (N, S, S, S) float32
+    params: dict
+    cohort_hash: str
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.index["participant_id"])
+
+    @property
+    def diagnoses(self) -> list[str]:
+        return list(self.index["diagnosis"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([LABELS.index(d) for d in self.diagnoses], dtype=np.int64)
+
+    def features(self) -> pd.DataFrame:
+        feats = read_tsv(self.path / "features.tsv").set_index("participant_id")
+        return feats.loc[self.ids]
+
+    def spatial(self, pid: str) -> SpatialRecord:
+        return SpatialRecord.from_json(read_json(self.path / "spatial.json")[pid])
+
+
+def load_prepared(cache_dir: str | Path) -> PreparedCohort:
+    cache = Path(cache_dir)
+    meta = cache / "prepare.json"
+    if not meta.is_file():
+        raise NmosdError(f"{cache} is not a prepared cache (no prepare.json; run nmosd-ms prepare)")
+    info = read_json(meta)
+    index = read_tsv(cache / "index.tsv", keep_empty=True)
+    vols = []
+    for name in index["array"]:
+        path = cache / name
+        if not path.is_file():
+            raise NmosdError(f"prepared cache {cache} is incomplete: {name} is missing")
+        vols.append(np.load(path, allow_pickle=False))
+    return PreparedCohort(
+        cache, index, np.stack(vols).astype(np.float32), info["params"], info["cohort_hash"]
+    )

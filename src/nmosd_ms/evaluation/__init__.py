@@ -1,0 +1,1 @@
+"""Metrics and statistics (no plotting here)."""

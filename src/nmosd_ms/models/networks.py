@@ -1,0 +1,115 @@
+"""Network definitions: plain ``nn.Module`` classes (the builders live in :mod:`.registry`).
+
+Backbones are MONAI's ResNet. With ``spatial_dims=2, conv1_t_stride=2, shortcut_type="B",
+bias_downsample=False`` it has torchvision's exact parameter names and outputs, so torchvision
+ImageNet weights load strictly (see :mod:`.weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import ResNet
+from torch import nn
+
+DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+INPLANES = [64, 128, 256, 512]
+
+#: Axis names of a canonical RAS volume (B, 1, X, Y, Z): X = left-right, Y = anterior-posterior,
+#: Z = inferior-superior.
+AXES = {"lr": 0, "ap": 1, "si": 2}
+
+
+def resnet_backbone(
+    depth: int, spatial_dims: int, in_channels: int, shortcut_type: str = "B"
+) -> ResNet:
+    """A MONAI ResNet without its classifier (``fc`` is an identity)."""
+    if depth not in DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(DEPTHS)}")
+    net = ResNet(
+        block="basic",
+        layers=DEPTHS[depth],
+        block_inplanes=INPLANES,
+        spatial_dims=spatial_dims,
+        n_input_channels=in_channels,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        shortcut_type=shortcut_type,
+        bias_downsample=False,
+        num_classes=1000,
+    )
+    net.fc = nn.Identity()
+    return net
+
+
+class CompressionBlock(nn.Module):
+    """One view: a volume axis becomes the channel axis, then Conv2d(S->32, k7, s3)+BN+ReLU.
+
+    Input (B, 1, S, S, S); output (B, 32, S', S') with S' = (S - 7) // 3 + 1 (32 for S = 100).
+    """
+
+    def __init__(
+        self, size: int, axis: int, out_channels: int = 32, kernel_size: int = 7, stride: int = 3
+    ):
+        super().__init__()
+        if axis not in (0, 1, 2):
+            raise ValueError("axis must be 0, 1 or 2")
+        self.axis = axis
+        self.conv = nn.Conv2d(size, out_channels, kernel_size, stride=stride, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, 0].movedim(1 + self.axis, 1)
+        return self.act(self.bn(self.conv(v)))
+
+
+class MultiViewNet(nn.Module):
+    """The paper's compressed network: one :class:`CompressionBlock` per view, outputs
+    concatenated along channels, a 2D ResNet backbone (conv1 adapted to 32·views channels),
+    dropout, and a linear classifier."""
+
+    def __init__(
+        self,
+        size: int,
+        depth: int = 18,
+        views: Sequence[str] = ("lr", "ap"),
+        num_classes: int = 2,
+        dropout: float = 0.15,
+        view_channels: int = 32,
+    ):
+        super().__init__()
+        if len(set(views)) != len(views) or any(v not in AXES for v in views):
+            raise ValueError(f"views must be distinct names from {list(AXES)}")
+        if size < 7:
+            raise ValueError("size must be at least 7 (the compression kernel)")
+        self.size = size
+        self.view_names = tuple(views)
+        self.views = nn.ModuleList(
+            CompressionBlock(size, AXES[v], view_channels) for v in self.view_names
+        )
+        self.backbone = resnet_backbone(depth, 2, view_channels * len(self.views))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(INPLANES[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != (self.size,) * 3:
+            raise ValueError(f"expected input (B, 1, {self.size}, {self.size}, {self.size})")
+        z = torch.cat([view(x) for view in self.views], dim=1)
+        return self.fc(self.dropout(self.backbone(z)))
+
+
+class ResNet3D(nn.Module):
+    """3D ResNet baseline (Hara et al. style): 1 input channel, conv1 7³ stride 2, dropout, fc."""
+
+    def __init__(
+        self, depth: int = 18, num_classes: int = 2, dropout: float = 0.15, shortcut_type="B"
+    ):
+        super().__init__()
+        self.backbone = resnet_backbone(depth, 3, 1, shortcut_type=shortcut_type)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(INPLANES[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.backbone(x)))

@@ -1,0 +1,7 @@
+"""Synthetic NMOSD/MS cohorts grounded in published neuroradiology (see README, Phantom)."""
+
+from .anatomy import Anatomy, load_anatomy
+from .generate import DIFFICULTIES, generate_cohort
+from .lesions import sample_lesion_map
+
+__all__ = ["DIFFICULTIES", "Anatomy", "generate_cohort", "load_anatomy", "sample_lesion_map"]

@@ -1,0 +1,1 @@
+"""Training: augmentation, the one-fold loop, the cross-validation planner, executors, run store."""

@@ -1,0 +1,506 @@
+"""Repeated stratified k-fold cross-validation on a prepared cohort (the paper's protocol).
+
+Planner: scikit-learn's ``RepeatedStratifiedKFold`` on subjects, one plan shared by every model
+(paired comparisons). Each (model, repeat, fold) is an independent task with a seed derived from
+(seed, model, repeat, fold), so the local and the Dask executors give the same numbers.
+
+Run folder::
+
+    RUN_DIR/run.json                       options, versions, cohort hash, models, times
+    RUN_DIR/splits.tsv                     repeat, fold, participant_id, diagnosis, part
+    RUN_DIR/folds/<model>/repeat-<r>/fold-<k>.json   one finished fold (the resume marker)
+    RUN_DIR/models/<model>/repeat-<r>/fold-<k>.safetensors (+ .json)  final weights
+    RUN_DIR/results/{folds,predictions,curves}.tsv   tables rebuilt after every fold
+    RUN_DIR/README.md                      what the files are
+
+Every file is written atomically; a fold counts as done only once its JSON exists, so a run
+killed at any moment resumes by redoing the unfinished folds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from sklearn.model_selection import RepeatedStratifiedKFold
+
+from .. import LABELS, __version__
+from ..config import CVConfig, TrainConfig
+from ..data.features import FEATURES
+from ..data.ingest import check_trainable
+from ..data.preprocess import PreparedCohort, load_prepared
+from ..data.spatial import resize
+from ..errors import NmosdError
+from ..evaluation.metrics import METRICS, binary_metrics
+from ..io import atomic_path, read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
+from ..models import get_spec
+from ..models.complexity import count_flops, count_parameters
+from .loop import FoldOutput, resolve_device, train_sklearn_fold, train_torch_fold
+
+Progress = Callable[[int, int, str], None]
+
+FOLD_COLUMNS = [
+    "model",
+    "repeat",
+    "fold",
+    "n_train",
+    "n_test",
+    *METRICS,
+    "train_seconds",
+    "epochs",
+    "seconds_per_epoch",
+    "inference_ms",
+    "peak_memory_mb",
+]
+PRED_COLUMNS = ["model", "repeat", "fold", "participant_id", "diagnosis", "prob_nmosd"]
+CURVE_COLUMNS = [
+    "model",
+    "repeat",
+    "fold",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "seconds",
+]
+#: Metric columns that must be identical between reruns (timings are not).
+DETERMINISTIC_COLUMNS = ["model", "repeat", "fold", "n_train", "n_test", *METRICS, "epochs"]
+
+
+def fold_seed(seed: int, model: str, repeat: int, fold: int) -> int:
+    """A seed that is a pure function of (seed, model, repeat, fold)."""
+    digest = hashlib.sha256(f"{seed}|{model}|{repeat}|{fold}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class Split:
+    repeat: int
+    fold: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+def plan_splits(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[Split]:
+    """Subject-level repeated stratified k-fold; repeat and fold are numbered from 0."""
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    plan = []
+    dummy = np.zeros((len(labels), 1))
+    for i, (tr, te) in enumerate(splitter.split(dummy, labels)):
+        split = Split(i // folds, i % folds, np.sort(tr), np.sort(te))
+        assert not np.intersect1d(split.train_idx, split.test_idx).size, "leak between parts"
+        plan.append(split)
+    for r in range(repeats):
+        tests = np.concatenate([s.test_idx for s in plan if s.repeat == r])
+        assert np.array_equal(np.sort(tests), np.arange(len(labels))), "a subject is never tested"
+    return plan
+
+
+def splits_frame(ids: list[str], diagnoses: list[str], plan: list[Split]) -> pd.DataFrame:
+    rows = []
+    for s in plan:
+        for part, idx in (("train", s.train_idx), ("test", s.test_idx)):
+            rows += [(s.repeat, s.fold, ids[i], diagnoses[i], part) for i in idx]
+    df = pd.DataFrame(rows, columns=["repeat", "fold", "participant_id", "diagnosis", "part"])
+    return df.sort_values(["repeat", "fold", "part", "participant_id"], ignore_index=True)
+
+
+def check_no_leak(splits: pd.DataFrame) -> None:
+    """Guard: no participant is in the training and the test part of one fold."""
+    for (_r, _k), g in splits.groupby(["repeat", "fold"]):
+        both = set(g.loc[g.part == "train", "participant_id"]) & set(
+            g.loc[g.part == "test", "participant_id"]
+        )
+        if both:
+            raise AssertionError(f"participants in both parts of a fold: {sorted(both)}")
+
+
+@dataclass(frozen=True)
+class FoldTask:
+    model: str
+    repeat: int
+    fold: int
+    seed: int
+    size: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+def run_fold_task(
+    task: FoldTask,
+    volumes: np.ndarray,
+    labels: np.ndarray,
+    features: np.ndarray,
+    train: TrainConfig,
+    device: str,
+    threads: int,
+) -> FoldOutput:
+    """Train and evaluate one fold (the unit of work for every executor)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if get_spec(task.model).is_torch:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        vols = torch.from_numpy(np.ascontiguousarray(volumes))
+        return train_torch_fold(
+            task.model, vols, labels, task.train_idx, task.test_idx, train, task.seed, device
+        )
+    return train_sklearn_fold(
+        task.model, features, labels, task.train_idx, task.test_idx, task.seed
+    )
+
+
+class RunStore:
+    """Paths and atomic writes of one run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def fold_json(self, model: str, repeat: int, fold: int) -> Path:
+        return self.root / "folds" / model / f"repeat-{repeat}" / f"fold-{fold}.json"
+
+    def weights(self, model: str, repeat: int, fold: int) -> Path:
+        return self.root / "models" / model / f"repeat-{repeat}" / f"fold-{fold}.safetensors"
+
+    def is_done(self, model: str, repeat: int, fold: int) -> bool:
+        return self.fold_json(model, repeat, fold).is_file()
+
+    def save_fold(
+        self, task: FoldTask, out: FoldOutput, cohort: PreparedCohort, train: TrainConfig
+    ) -> dict:
+        ids, labels = cohort.ids, cohort.labels
+        y = labels[task.test_idx]
+        metrics = binary_metrics(y, out.prob_nmosd)
+        weights_info = None
+        if out.state_dict is not None:
+            wpath = self.weights(task.model, task.repeat, task.fold)
+            with atomic_path(wpath, suffix=".safetensors") as tmp:
+                save_file(out.state_dict, str(tmp), metadata={"model": task.model})
+            weights_info = {
+                "file": wpath.name,
+                "sha256": sha256_file(wpath),
+            }
+            spec = get_spec(task.model)
+            write_json(
+                wpath.with_suffix(".json"),
+                {
+                    "model": task.model,
+                    "family": spec.family,
+                    "views": list(spec.views),
+                    "size": task.size,
+                    "repeat": task.repeat,
+                    "fold": task.fold,
+                    "seed": task.seed,
+                    "labels": list(LABELS),
+                    "train_ids": [ids[i] for i in task.train_idx],
+                    "test_ids": [ids[i] for i in task.test_idx],
+                    "train_config": train.model_dump(mode="json"),
+                    "metrics": metrics,
+                    **weights_info,
+                },
+            )
+        n_epochs = max(out.epochs, 1)
+        record = {
+            "model": task.model,
+            "repeat": task.repeat,
+            "fold": task.fold,
+            "n_train": len(task.train_idx),
+            "n_test": len(task.test_idx),
+            **metrics,
+            "train_seconds": out.train_seconds,
+            "epochs": out.epochs,
+            "seconds_per_epoch": out.train_seconds / n_epochs if out.epochs else float("nan"),
+            "inference_ms": out.inference_ms,
+            "peak_memory_mb": out.peak_memory_mb,
+            "predictions": [
+                {"participant_id": ids[i], "diagnosis": LABELS[labels[i]], "prob_nmosd": float(p)}
+                for i, p in zip(task.test_idx, out.prob_nmosd, strict=True)
+            ],
+            "curves": out.curves,
+            "weights": weights_info,
+        }
+        write_json(self.fold_json(task.model, task.repeat, task.fold), record)
+        return record
+
+    def aggregate(self, models: list[str]) -> dict[str, pd.DataFrame]:
+        folds, preds, curves = [], [], []
+        for model in models:
+            for path in sorted((self.root / "folds" / model).glob("repeat-*/fold-*.json")):
+                rec = read_json(path)
+                key = {k: rec[k] for k in ("model", "repeat", "fold")}
+                folds.append({c: rec[c] for c in FOLD_COLUMNS})
+                preds += [{**key, **p} for p in rec["predictions"]]
+                curves += [{**key, **c} for c in rec["curves"]]
+        order = {m: i for i, m in enumerate(models)}
+        tables = {
+            "folds": pd.DataFrame(folds, columns=FOLD_COLUMNS),
+            "predictions": pd.DataFrame(preds, columns=PRED_COLUMNS),
+            "curves": pd.DataFrame(curves, columns=CURVE_COLUMNS),
+        }
+        for name, df in tables.items():
+            keys = ["repeat", "fold"] + (["participant_id"] if name == "predictions" else [])
+            keys += ["epoch"] if name == "curves" else []
+            df = df.assign(_m=df["model"].map(order)).sort_values(["_m", *keys])
+            tables[name] = df.drop(columns="_m").reset_index(drop=True)
+            write_tsv(self.root / "results" / f"{name}.tsv", tables[name])
+        return tables
+
+
+RUN_README = """# nmosd-ms cross-validation run
+
+Written by `nmosd-ms cv` (version {version}). Options, package versions and the cohort hash are
+in `run.json`; re-running the same command resumes; `nmosd-ms report {root}` turns it into tables
+and figures.
+
+| file | content |
+|---|---|
+| `splits.tsv` | repeat, fold, participant_id, diagnosis, part (train/test): identical for every model |
+| `results/folds.tsv` | one row per (model, repeat, fold): metrics on the held-out part, timings |
+| `results/predictions.tsv` | held-out probability of NMOSD per subject and fold |
+| `results/curves.tsv` | per-epoch training and held-out loss/accuracy (held-out curves are descriptive only) |
+| `models/<model>/repeat-<r>/fold-<k>.safetensors` | final weights (+ `.json` metadata) |
+| `folds/<model>/repeat-<r>/fold-<k>.json` | the raw record of one finished fold |
+
+NMOSD is the positive class: sensitivity = NMOSD recall, specificity = MS recall. Repeats and
+folds are numbered from 0. A threshold of 0.5 on prob_nmosd gives the predicted class.
+"""
+
+
+def _environment(device: torch.device) -> dict:
+    import monai
+    import sklearn
+
+    return {
+        "nmosd_ms": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "scikit_learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _model_info(name: str, size: int) -> dict:
+    spec = get_spec(name)
+    info = {"family": spec.family, "size": size, "description": spec.description}
+    if spec.is_torch:
+        net = spec.build(size=size)
+        info["parameters"] = count_parameters(net)
+        info["flops"] = count_flops(net, size)
+        info["views"] = list(spec.views)
+    else:
+        info["parameters"] = None
+        info["flops"] = None
+        info["features"] = list(FEATURES)
+    return info
+
+
+def run_cv(
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    config: CVConfig,
+    device: str = "auto",
+    executor: str = "local",
+    scheduler: str | None = None,
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> dict:
+    """Run (or resume) a cross-validation; returns the run.json content."""
+    for name in config.models:
+        get_spec(name)
+    unknown = set(config.model_sizes) - set(config.models)
+    if unknown:
+        raise NmosdError(f"--model-size names a model that is not run: {', '.join(unknown)}")
+    if (
+        config.train.weights not in ("none", "imagenet")
+        and not Path(config.train.weights).is_file()
+    ):
+        raise NmosdError(f"weights file not found: {config.train.weights}")
+    if executor not in ("local", "dask"):
+        raise NmosdError(f"--executor must be local or dask, not {executor}")
+    cohort = load_prepared(cache_dir)
+    check_trainable(cohort.diagnoses, config.folds)
+    cache_size = int(cohort.volumes.shape[-1])
+    sizes = {m: config.model_sizes.get(m, cache_size) for m in config.models}
+    for m, s in sizes.items():
+        if s > cache_size or s < 8:
+            raise NmosdError(
+                f"--model-size {m}={s}: must be between 8 and the cache size {cache_size}"
+            )
+    dev = resolve_device(device)
+
+    root = Path(out_dir)
+    store = RunStore(root)
+    options = {
+        "cohort_hash": cohort.cohort_hash,
+        "n_subjects": len(cohort.ids),
+        "repeats": config.repeats,
+        "folds": config.folds,
+        "seed": config.seed,
+        "train": config.train.model_dump(mode="json"),
+        "prepare": cohort.params,
+    }
+    run_json = root / "run.json"
+    if run_json.is_file():
+        old = read_json(run_json)
+        diff = sorted(
+            k
+            for k in set(options) | set(old.get("options", {}))
+            if old.get("options", {}).get(k) != options.get(k)
+        )
+        if diff:
+            raise NmosdError(
+                f"{root} holds a run with different options ({', '.join(diff)}); "
+                "use a new --out folder"
+            )
+        models_info = old["models"]
+        for m in config.models:
+            if m in models_info and models_info[m]["size"] != sizes[m]:
+                raise NmosdError(
+                    f"{root}: {m} was run at size {models_info[m]['size']}, not {sizes[m]}"
+                )
+        started = old["started"]
+    else:
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise NmosdError(f"--out {root} exists and is not a cv run folder")
+        models_info, started = {}, _now()
+    for m in config.models:
+        if m not in models_info:
+            models_info[m] = _model_info(m, sizes[m])
+    all_models = list(models_info)
+
+    plan = plan_splits(cohort.labels, config.folds, config.repeats, config.seed)
+    splits = splits_frame(cohort.ids, cohort.diagnoses, plan)
+    check_no_leak(splits)
+    if (root / "splits.tsv").is_file():
+        old_splits = read_tsv(root / "splits.tsv")
+        if not old_splits.equals(splits):
+            raise NmosdError(
+                f"{root}/splits.tsv differs from this cohort's splits; use a new --out"
+            )
+    meta = {
+        "tool": "nmosd-ms cv",
+        "version": __version__,
+        "options": options,
+        "models": models_info,
+        "cohort": {
+            "path": str(Path(cache_dir).resolve()),
+            "counts": {lab: int(sum(d == lab for d in cohort.diagnoses)) for lab in LABELS},
+        },
+        "executor": {"name": executor, "scheduler": scheduler, "workers": workers},
+        "environment": _environment(dev),
+        "started": started,
+        "finished": None,
+    }
+    write_json(run_json, meta)
+    write_tsv(root / "splits.tsv", splits)
+    write_text(root / "README.md", RUN_README.format(version=__version__, root=root))
+
+    tasks = [
+        FoldTask(
+            m,
+            s.repeat,
+            s.fold,
+            fold_seed(config.seed, m, s.repeat, s.fold),
+            sizes[m],
+            s.train_idx,
+            s.test_idx,
+        )
+        for m in config.models
+        for s in plan
+    ]
+    total = len(tasks)
+    todo = [t for t in tasks if not store.is_done(t.model, t.repeat, t.fold)]
+    done = total - len(todo)
+    if progress:
+        progress(done, total, "cv")
+
+    volumes: dict[int, np.ndarray] = {}
+    for s in {t.size for t in todo if get_spec(t.model).is_torch}:
+        vols = cohort.volumes
+        if s != cache_size:
+            vols = np.stack([resize(v, s) for v in vols])
+        volumes[s] = vols[:, None].astype(np.float32)
+    features = cohort.features()[list(FEATURES)].to_numpy(dtype=np.float64)
+    labels = cohort.labels
+
+    def finish(task: FoldTask, out: FoldOutput) -> None:
+        nonlocal done
+        store.save_fold(task, out, cohort, config.train)
+        store.aggregate(all_models)
+        done += 1
+        if progress:
+            progress(done, total, f"{task.model} r{task.repeat} f{task.fold}")
+
+    empty = np.zeros((0,), dtype=np.float32)
+    if executor == "local":
+        for t in todo:
+            vols = volumes.get(t.size, empty)
+            finish(t, run_fold_task(t, vols, labels, features, config.train, str(dev), 0))
+    else:
+        _run_dask(
+            todo, volumes, labels, features, config.train, str(dev), scheduler, workers, finish
+        )
+    store.aggregate(all_models)
+    meta["finished"] = _now()
+    write_json(run_json, meta)
+    return meta
+
+
+def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers, finish):
+    """One Dask task per fold; the cohort is scattered once; the client writes the results."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if scheduler:
+        client, cluster = Client(scheduler), None
+    else:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    try:
+        scattered = {s: client.scatter(v, broadcast=True) for s, v in volumes.items()}
+        empty = client.scatter(np.zeros((0,), dtype=np.float32), broadcast=True)
+        futures = {}
+        for t in todo:
+            vols = scattered.get(t.size, empty)
+            fut = client.submit(
+                run_fold_task,
+                t,
+                vols,
+                labels,
+                features,
+                train,
+                device,
+                1,
+                pure=False,
+                key=f"fold-{t.model}-{t.repeat}-{t.fold}",
+            )
+            futures[fut] = t
+        for fut in as_completed(futures):
+            finish(futures[fut], fut.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

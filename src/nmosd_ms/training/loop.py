@@ -1,0 +1,221 @@
+"""One fold: train a model on the training part, predict the held-out part once, at the end.
+
+The held-out part is evaluated every ``eval_every`` epochs only to draw learning curves (the
+paper's Fig. 4); it never selects an epoch. Early stopping, when asked for, uses an inner
+validation split carved out of the training part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from ..config import TrainConfig
+from ..models import get_spec
+from .augment import shift_flip
+
+EpochCallback = Callable[[int, int], None]
+
+
+@dataclass
+class FoldOutput:
+    prob_nmosd: np.ndarray  # held-out probabilities, in test_idx order
+    curves: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    epochs: int = 0
+    inference_ms: float = 0.0
+    peak_memory_mb: float = 0.0
+    state_dict: dict | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from ..errors import NmosdError
+
+        raise NmosdError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+@torch.no_grad()
+def predict_proba(model, x: torch.Tensor, device, precision: str, batch: int = 8) -> np.ndarray:
+    """Softmax probability of NMOSD for a batch of volumes (B, 1, S, S, S)."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        with _autocast(device, precision):
+            logits = model(x[i : i + batch].to(device))
+        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def _loss_acc(model, x, y, device, precision, batch=8) -> tuple[float, float]:
+    p = predict_proba(model, x, device, precision, batch)
+    p_t = torch.as_tensor(p).clamp(1e-7, 1 - 1e-7)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    loss = float(F.binary_cross_entropy(p_t, yt))
+    acc = float(((p >= 0.5).astype(int) == np.asarray(y)).mean())
+    return loss, acc
+
+
+def train_torch_fold(
+    model_name: str,
+    volumes: torch.Tensor,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    config: TrainConfig,
+    seed: int,
+    device: str = "cpu",
+    on_epoch: EpochCallback | None = None,
+) -> FoldOutput:
+    """Train ``model_name`` from scratch (or from ``config.weights``) on one fold."""
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    np_rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    size = int(volumes.shape[-1])
+    model = get_spec(model_name).build(size=size, weights=config.weights).to(dev)
+
+    fit_idx, val_idx = np.asarray(train_idx), np.zeros(0, dtype=int)
+    if config.inner_val > 0:
+        fit_idx, val_idx = train_test_split(
+            fit_idx, test_size=config.inner_val, stratify=labels[fit_idx], random_state=seed
+        )
+    y_all = torch.as_tensor(labels, dtype=torch.long)
+    weight = None
+    if config.class_weights:
+        counts = np.bincount(labels[fit_idx], minlength=2).astype(float)
+        weight = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+        weight = weight.to(dev)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size, gamma=config.gamma)
+    scaler = (
+        torch.amp.GradScaler("cuda") if config.precision == "fp16" and dev.type == "cuda" else None
+    )
+
+    curves: list[dict] = []
+    best = (math.inf, None, 0)
+    t0 = time.perf_counter()
+    epochs_run = 0
+    for epoch in range(1, config.epochs + 1):
+        te = time.perf_counter()
+        model.train()
+        order = np_rng.permutation(fit_idx)
+        batches = [
+            order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)
+        ]
+        if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on one sample
+            batches[-2] = np.concatenate([batches[-2], batches[-1]])
+            batches.pop()
+        lr = opt.param_groups[0]["lr"]
+        total_loss, correct, seen = 0.0, 0, 0
+        for bidx in batches:
+            xb = volumes[bidx].to(dev, non_blocking=True)
+            yb = y_all[bidx].to(dev)
+            xb = shift_flip(xb, config.shift, config.flip, gen)
+            with _autocast(dev, config.precision):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            total_loss += float(loss.detach()) * len(bidx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(bidx)
+        sched.step()
+        epochs_run = epoch
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": total_loss / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "test_loss": math.nan,
+            "test_accuracy": math.nan,
+        }
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            row["test_loss"], row["test_accuracy"] = _loss_acc(
+                model, volumes[test_idx], labels[test_idx], dev, config.precision
+            )
+        row["seconds"] = time.perf_counter() - te
+        curves.append(row)
+        if on_epoch:
+            on_epoch(epoch, config.epochs)
+        if len(val_idx):
+            vloss, _ = _loss_acc(model, volumes[val_idx], labels[val_idx], dev, config.precision)
+            if vloss < best[0] - 1e-6:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = (vloss, state, epoch)
+            elif epoch - best[2] >= config.patience:
+                break
+    if len(val_idx) and best[1] is not None:
+        model.load_state_dict(best[1])
+    train_seconds = time.perf_counter() - t0
+    ti = time.perf_counter()
+    prob = predict_proba(model, volumes[test_idx], dev, config.precision)
+    inference_ms = (time.perf_counter() - ti) * 1000 / max(len(test_idx), 1)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return FoldOutput(
+        prob_nmosd=prob,
+        curves=curves,
+        train_seconds=train_seconds,
+        epochs=epochs_run,
+        inference_ms=inference_ms,
+        peak_memory_mb=_peak_memory_mb(dev),
+        state_dict=state,
+    )
+
+
+def train_sklearn_fold(
+    model_name: str, features: np.ndarray, labels: np.ndarray, train_idx, test_idx, seed: int
+) -> FoldOutput:
+    from ..models.lesionload import build_lesionload
+
+    model = build_lesionload(model_name, seed=seed)
+    t0 = time.perf_counter()
+    model.fit(features[train_idx], labels[train_idx])
+    train_seconds = time.perf_counter() - t0
+    ti = time.perf_counter()
+    prob = model.predict_proba(features[test_idx])[:, 1].astype(np.float64)
+    inference_ms = (time.perf_counter() - ti) * 1000 / max(len(test_idx), 1)
+    return FoldOutput(
+        prob_nmosd=prob,
+        train_seconds=train_seconds,
+        epochs=0,
+        inference_ms=inference_ms,
+        peak_memory_mb=_peak_memory_mb(torch.device("cpu")),
+    )

@@ -1,0 +1,24 @@
+"""Helpers for running the CLI in-process and checking one-line errors."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from nmosd_ms.cli import app
+
+
+def run_cli(*args: str):
+    runner = CliRunner()
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """Exit code 2, exactly one line on stderr starting with 'error:', no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for f in fragments:
+        assert f.lower() in errors[0].lower(), (f, errors[0])
+    return errors[0]

@@ -1,0 +1,132 @@
+"""Cohort ingestion: both input forms, and every rejection as one line + exit code 2."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import blob_mask, make_manifest_cohort, save_nifti, truncate_gzip
+from helpers import assert_user_error, run_cli
+
+from nmosd_ms.data.ingest import load_bids, load_cohort, load_manifest
+
+
+def _prepare(tmp_path, manifest, *extra):
+    return run_cli("prepare", manifest, "--out", tmp_path / "cache", "--size", "16", *extra)
+
+
+def test_manifest_and_bids_are_read(tmp_path, phantom_cohort):
+    cohort = load_manifest(make_manifest_cohort(tmp_path))
+    assert len(cohort) == 6 and cohort.counts == {"MS": 3, "NMOSD": 3}
+    bids = load_bids(phantom_cohort)
+    assert len(bids) == 16 and all(s.lesion_mask is not None for s in bids.subjects)
+    assert bids.subjects[0].flair.name.endswith("_FLAIR.nii.gz")
+
+
+def test_prepare_cli_writes_cache(tmp_path):
+    manifest = make_manifest_cohort(tmp_path)
+    result = _prepare(tmp_path, manifest)
+    assert result.exit_code == 0, result.stderr
+    cache = tmp_path / "cache"
+    for name in ("index.tsv", "prepare.json", "features.tsv", "spatial.json", "sub-00.npy"):
+        assert (cache / name).is_file()
+    assert np.load(cache / "sub-00.npy").shape == (16, 16, 16)
+
+
+def _edit_manifest(manifest, old, new):
+    manifest.write_text(manifest.read_text().replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    "mutate, fragments",
+    [
+        (lambda d, m: (d / "sub-01" / "lesion.nii.gz").unlink(), ["not found", "sub-01"]),
+        (lambda d, m: _edit_manifest(m, "sub-01\t", "sub-00\t"), ["duplicate", "sub-00"]),
+        (lambda d, m: _edit_manifest(m, "NMOSD", "MOGAD"), ["unknown diagnosis", "MOGAD"]),
+        (lambda d, m: truncate_gzip(d / "sub-02" / "flair.nii.gz"), ["cannot read", "sub-02"]),
+        (
+            lambda d, m: save_nifti(d / "sub-03" / "flair.nii.gz", np.zeros((24, 28, 20, 2))),
+            ["4D", "3D image is needed"],
+        ),
+        (
+            lambda d, m: save_nifti(
+                d / "sub-04" / "flair.nii.gz", np.full((24, 28, 20), np.nan, np.float32)
+            ),
+            ["NaN"],
+        ),
+        (
+            lambda d, m: save_nifti(d / "sub-05" / "lesion.nii.gz", blob_mask((24, 28, 21))),
+            ["shape", "same grid"],
+        ),
+        (
+            lambda d, m: save_nifti(
+                d / "sub-05" / "lesion.nii.gz", blob_mask(), np.diag([1.0, 1.0, 1.3, 1.0])
+            ),
+            ["different affines"],
+        ),
+    ],
+    ids=["missing", "duplicate", "label", "truncated", "4d", "nan", "shape", "affine"],
+)
+def test_rejections(tmp_path, mutate, fragments):
+    manifest = make_manifest_cohort(tmp_path)
+    mutate(tmp_path, manifest)
+    result = _prepare(tmp_path, manifest)
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "cache").exists(), "a rejected cohort must not leave partial output"
+
+
+def test_4d_with_one_volume_is_squeezed_and_empty_mask_is_valid(tmp_path):
+    manifest = make_manifest_cohort(tmp_path)
+    flair = nib.load(tmp_path / "sub-00" / "flair.nii.gz").get_fdata()
+    save_nifti(tmp_path / "sub-00" / "flair.nii.gz", flair[..., None].astype(np.float32))
+    save_nifti(tmp_path / "sub-01" / "lesion.nii.gz", np.zeros((24, 28, 20), np.uint8))
+    result = _prepare(tmp_path, manifest)
+    assert result.exit_code == 0, result.stderr
+    assert np.load(tmp_path / "cache" / "sub-01.npy").max() == 0
+
+
+def test_bids_rejections(tmp_path, phantom_cohort):
+    assert_user_error(
+        run_cli("prepare", tmp_path / "nowhere", "--out", tmp_path / "c"), "not found"
+    )
+    assert_user_error(
+        run_cli("prepare", phantom_cohort, "--out", tmp_path / "c", "--lesions", "manual"),
+        "derivatives",
+        "manual",
+    )
+    assert_user_error(
+        run_cli("prepare", phantom_cohort, "--out", tmp_path / "c", "--label-column", "sex"),
+        "unknown sex",
+    )
+
+
+def test_training_needs_two_classes_and_enough_subjects(tmp_path, prepared_small):
+    from nmosd_ms.data.ingest import check_trainable
+    from nmosd_ms.errors import NmosdError
+
+    with pytest.raises(NmosdError, match="one class only"):
+        check_trainable(["MS"] * 10, folds=5)
+    with pytest.raises(NmosdError, match="fewer than the 5 folds"):
+        check_trainable(["MS"] * 10 + ["NMOSD"] * 4, folds=5)
+    result = run_cli(
+        "cv",
+        prepared_small,
+        "--out",
+        tmp_path / "run",
+        "--folds",
+        "9",
+        "--models",
+        "lesionload-logreg",
+        "--repeats",
+        "1",
+    )
+    assert_user_error(result, "fewer than the 9 folds")
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_cohort_refuses_unknown_dataset(tmp_path):
+    from nmosd_ms.errors import NmosdError
+
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(NmosdError, match="neither a BIDS folder"):
+        load_cohort(tmp_path / "x.txt")
