@@ -57,7 +57,8 @@ def make_manifest_cohort(tmp: Path, n_per_class: int = 3, shape=(24, 28, 20)) ->
             np.float32
         )
         flair = head * 100 + rng.random(shape).astype(np.float32) * 5
-        lesion = blob_mask(shape, (8 + 6 * (i % 2), 14, 10), 2)
+        x = (7 if i % 2 == 0 else 16) + int(rng.integers(-1, 2))  # left vs right half
+        lesion = blob_mask(shape, (x, 14 + int(rng.integers(-3, 4)), 10), int(rng.integers(2, 4)))
         save_nifti(tmp / pid / "flair.nii.gz", flair)
         save_nifti(tmp / pid / "lesion.nii.gz", lesion)
         rows.append(f"{pid}\t{dx}\t{pid}/flair.nii.gz\t{pid}/lesion.nii.gz")

@@ -202,6 +202,9 @@ def cv(
     executor: Annotated[str, typer.Option(help="local | dask")] = "local",
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster workers")] = 2,
+    threads: Annotated[
+        int, typer.Option(min=0, help="torch threads per fold (0: all cores / per Dask worker)")
+    ] = 0,
 ):
     """Repeated stratified k-fold cross-validation (paper: 5 folds x 15 repeats)."""
     from .config import CVConfig, TrainConfig
@@ -242,6 +245,7 @@ def cv(
             scheduler=scheduler,
             workers=workers,
             progress=bar,
+            threads=threads,
         )
     out.print(f"cv finished: {', '.join(meta['models'])} -> {out_dir}/results/folds.tsv")
     out.print(f"next: nmosd-ms report {out_dir}")

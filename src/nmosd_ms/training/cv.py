@@ -147,8 +147,16 @@ def run_fold_task(
     threads: int,
 ) -> FoldOutput:
     """Train and evaluate one fold (the unit of work for every executor)."""
+    previous = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
+    try:
+        return _run_fold(task, volumes, labels, features, train, device)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_fold(task, volumes, labels, features, train, device) -> FoldOutput:
     if get_spec(task.model).is_torch:
         torch.use_deterministic_algorithms(True, warn_only=True)
         vols = torch.from_numpy(np.ascontiguousarray(volumes))
@@ -325,8 +333,14 @@ def run_cv(
     scheduler: str | None = None,
     workers: int = 2,
     progress: Progress | None = None,
+    threads: int = 0,
 ) -> dict:
-    """Run (or resume) a cross-validation; returns the run.json content."""
+    """Run (or resume) a cross-validation; returns the run.json content.
+
+    ``threads`` is the number of torch threads per fold: 0 means all cores for the local
+    executor and cores // workers for a Dask LocalCluster. Floating-point reductions depend on
+    it, so two runs agree bit for bit when they use the same number of threads per fold.
+    """
     for name in config.models:
         get_spec(name)
     unknown = set(config.model_sizes) - set(config.models)
@@ -408,7 +422,12 @@ def run_cv(
             "path": str(Path(cache_dir).resolve()),
             "counts": {lab: int(sum(d == lab for d in cohort.diagnoses)) for lab in LABELS},
         },
-        "executor": {"name": executor, "scheduler": scheduler, "workers": workers},
+        "executor": {
+            "name": executor,
+            "scheduler": scheduler,
+            "workers": workers,
+            "threads_per_fold": threads or "auto",
+        },
         "environment": _environment(dev),
         "started": started,
         "finished": None,
@@ -457,10 +476,20 @@ def run_cv(
     if executor == "local":
         for t in todo:
             vols = volumes.get(t.size, empty)
-            finish(t, run_fold_task(t, vols, labels, features, config.train, str(dev), 0))
+            finish(t, run_fold_task(t, vols, labels, features, config.train, str(dev), threads))
     else:
+        per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
         _run_dask(
-            todo, volumes, labels, features, config.train, str(dev), scheduler, workers, finish
+            todo,
+            volumes,
+            labels,
+            features,
+            config.train,
+            str(dev),
+            scheduler,
+            workers,
+            per_worker,
+            finish,
         )
     store.aggregate(all_models)
     meta["finished"] = _now()
@@ -468,7 +497,7 @@ def run_cv(
     return meta
 
 
-def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers, finish):
+def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers, threads, finish):
     """One Dask task per fold; the cohort is scattered once; the client writes the results."""
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -476,7 +505,7 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
         client, cluster = Client(scheduler), None
     else:
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None
         )
         client = Client(cluster)
     try:
@@ -493,7 +522,7 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
                 features,
                 train,
                 device,
-                1,
+                threads,
                 pure=False,
                 key=f"fold-{t.model}-{t.repeat}-{t.fold}",
             )

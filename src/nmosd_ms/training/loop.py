@@ -73,8 +73,44 @@ def predict_proba(model, x: torch.Tensor, device, precision: str, batch: int = 8
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model, x: torch.Tensor, device, precision: str, batch: int = 8) -> None:
+    """Recompute BatchNorm running statistics with the final weights ("precise BN").
+
+    BatchNorm's running averages lag behind the weights; on small, sparse lesion maps the lag
+    makes eval-mode outputs explode (seen here: activations of 1e9 after a few steps). One pass
+    over the training part in train mode, with a cumulative average, makes the statistics match
+    the weights. Only training data are used; the held-out part is never seen.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(x) < 2:
+        return
+    momenta = [m.momentum for m in bns]
+    with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift training's RNG
+        _recalibrate(model, bns, x, device, precision, batch)
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.eval()
+
+
+def _recalibrate(model, bns, x, device, precision, batch) -> None:
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    starts = list(range(0, len(x), batch))
+    if len(starts) > 1 and len(x) - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        stop = starts[i + 1] if i + 1 < len(starts) else len(x)
+        with _autocast(device, precision):
+            model(x[start:stop].to(device))
+
+
+@torch.no_grad()
 def _loss_acc(model, x, y, device, precision, batch=8) -> tuple[float, float]:
     p = predict_proba(model, x, device, precision, batch)
+    if not np.isfinite(p).all():
+        return math.nan, math.nan
     p_t = torch.as_tensor(p).clamp(1e-7, 1 - 1e-7)
     yt = torch.as_tensor(y, dtype=torch.float64)
     loss = float(F.binary_cross_entropy(p_t, yt))
@@ -168,6 +204,7 @@ def train_torch_fold(
             "test_accuracy": math.nan,
         }
         if epoch % config.eval_every == 0 or epoch == config.epochs:
+            recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
             row["test_loss"], row["test_accuracy"] = _loss_acc(
                 model, volumes[test_idx], labels[test_idx], dev, config.precision
             )
@@ -176,6 +213,7 @@ def train_torch_fold(
         if on_epoch:
             on_epoch(epoch, config.epochs)
         if len(val_idx):
+            recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
             vloss, _ = _loss_acc(model, volumes[val_idx], labels[val_idx], dev, config.precision)
             if vloss < best[0] - 1e-6:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -184,9 +222,14 @@ def train_torch_fold(
                 break
     if len(val_idx) and best[1] is not None:
         model.load_state_dict(best[1])
+    recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
     train_seconds = time.perf_counter() - t0
     ti = time.perf_counter()
     prob = predict_proba(model, volumes[test_idx], dev, config.precision)
+    if not np.isfinite(prob).all():
+        from ..errors import NmosdError
+
+        raise NmosdError(f"{model_name}: training diverged (non-finite outputs); try a lower --lr")
     inference_ms = (time.perf_counter() - ti) * 1000 / max(len(test_idx), 1)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return FoldOutput(

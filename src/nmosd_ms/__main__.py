@@ -1,0 +1,5 @@
+"""``python -m nmosd_ms`` runs the CLI."""
+
+from .cli import main
+
+main()
