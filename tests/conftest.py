@@ -87,3 +87,29 @@ def prepared_small(phantom_cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "c24"
     prepare(load_cohort(phantom_cohort), out, PrepareConfig(size=24))
     return out
+
+
+#: The small cv run shared by the cv and report tests: 2 repeats x 3 folds, two models.
+SMALL_MODELS = ("twoview-18", "lesionload-logreg")
+
+
+def small_cv_config(**kw):
+    from nmosd_ms.config import CVConfig, TrainConfig
+
+    base = {
+        "models": SMALL_MODELS,
+        "repeats": 2,
+        "folds": 3,
+        "seed": 7,
+        "train": TrainConfig(epochs=2, batch_size=4, shift=2),
+    }
+    return CVConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def small_run(prepared_small, tmp_path_factory) -> Path:
+    from nmosd_ms.training.cv import run_cv
+
+    out = tmp_path_factory.mktemp("cv") / "run"
+    run_cv(prepared_small, out, small_cv_config(), device="cpu", threads=1)
+    return out

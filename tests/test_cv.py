@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_manifest_cohort
+from conftest import SMALL_MODELS as MODELS
+from conftest import make_manifest_cohort, small_cv_config
 from helpers import assert_user_error, run_cli
 
 from nmosd_ms.config import CVConfig, PrepareConfig, TrainConfig
@@ -20,20 +21,13 @@ from nmosd_ms.data.preprocess import prepare
 from nmosd_ms.evaluation.metrics import binary_metrics
 from nmosd_ms.training.cv import DETERMINISTIC_COLUMNS, run_cv
 
-FAST = TrainConfig(epochs=2, batch_size=4, shift=2)
-MODELS = ("twoview-18", "lesionload-logreg")
+_cfg = small_cv_config
+EPOCHS = _cfg().train.epochs
 
 
-def _cfg(**kw) -> CVConfig:
-    base = {"models": MODELS, "repeats": 2, "folds": 3, "seed": 7, "train": FAST}
-    return CVConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def reference_run(prepared_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cv") / "run"
-    run_cv(prepared_small, out, _cfg(), device="cpu", threads=1)
-    return out
+@pytest.fixture
+def reference_run(small_run):
+    return small_run
 
 
 def _tsv(path):
@@ -56,7 +50,7 @@ def test_files_and_row_counts(reference_run):
     curves = _tsv(r / "results/curves.tsv")
     assert len(folds) == 2 * 2 * 3
     assert len(preds) == 2 * 2 * 16  # every subject once per repeat and model
-    assert len(curves) == 2 * 3 * FAST.epochs  # torch model only
+    assert len(curves) == 2 * 3 * EPOCHS  # torch model only
     for k in range(3):
         assert (r / f"models/twoview-18/repeat-1/fold-{k}.safetensors").is_file()
         assert (r / f"models/twoview-18/repeat-1/fold-{k}.json").is_file()

@@ -294,6 +294,141 @@ def models(
     out.print(table)
 
 
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a cv run folder")],
+):
+    """Tables 2 and 3, Figure 4, ROC and per-subject plots, and one HTML page."""
+    from .report import build_report
+
+    index = build_report(run_dir)
+    out.print(f"report: {index}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="folder for everything the demo writes")
+    ] = (Path("demo-output")),
+    seed: Annotated[int, typer.Option()] = 0,
+    difficulty: Annotated[str, typer.Option(help="easy | paper | hard")] = "paper",
+    repeats: Annotated[int, typer.Option(min=1)] = 1,
+):
+    """The whole workflow on the built-in synthetic cohort (41 NMOSD / 47 MS), in minutes."""
+    from .workflow import run_demo
+
+    paths = run_demo(
+        out_dir,
+        seed=seed,
+        difficulty=difficulty,
+        repeats=repeats,
+        progress=Bar,
+        log=lambda m: out.print(m, markup=False),
+    )
+    out.print(f"report: {paths['report']}")
+    out.print("the full paper protocol (15 x 5-fold, 100 epochs) on this cohort:")
+    out.print(f"  {paths['full_protocol']}", markup=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a cv run folder")],
+    model: Annotated[str, typer.Option(help="model to export, e.g. twoview-18")],
+    out_dir: Annotated[Path, typer.Option("--out", help="new bundle folder")],
+    repeats: Annotated[
+        str, typer.Option(help="comma-separated repeats whose fold models form the ensemble")
+    ] = "0",
+):
+    """Bundle a model's fold weights with its preprocessing, metrics and a model card."""
+    from .predict import export_bundle
+
+    try:
+        reps = [int(r) for r in repeats.split(",") if r.strip()]
+    except ValueError:
+        raise NmosdError(f"--repeats expects integers like 0,1,2, not '{repeats}'") from None
+    path = export_bundle(run_dir, model, out_dir, reps)
+    out.print(f"bundle: {path} (see {path / 'MODEL_CARD.md'})")
+
+
+@app.command()
+@user_errors
+def fit(
+    cache_dir: Annotated[Path, typer.Argument(help="prepared cache")],
+    model: Annotated[str, typer.Option(help="model to train on the whole cohort")],
+    out_dir: Annotated[Path, typer.Option("--out", help="new bundle folder")],
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    lr: Annotated[float, typer.Option()] = 0.01,
+    weights: Annotated[str, typer.Option(help="none | imagenet | weight file")] = "none",
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+):
+    """Train one final model on the whole cohort and bundle it (no held-out estimate)."""
+    from .config import TrainConfig
+    from .predict import fit_bundle
+
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weights=weights)
+    path = fit_bundle(cache_dir, model, out_dir, train, seed=seed, device=device)
+    out.print(f"bundle: {path} (fitted on the whole cohort; performance: see nmosd-ms cv)")
+
+
+@app.command()
+@user_errors
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="a bundle (nmosd-ms export or fit)")],
+    lesion_mask: Annotated[Path | None, typer.Option(help="lesion mask NIfTI")] = None,
+    flair: Annotated[Path | None, typer.Option(help="FLAIR NIfTI (optional)")] = None,
+    brain_mask: Annotated[Path | None, typer.Option(help="brain mask NIfTI (optional)")] = None,
+    participant_id: Annotated[str, typer.Option(help="ID of a single subject")] = "subject",
+    manifest: Annotated[
+        Path | None, typer.Option(help="TSV/CSV: participant_id, lesion_mask[, flair, brain_mask]")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="folder for the results")] = None,
+    saliency: Annotated[bool, typer.Option(help="occlusion saliency maps (NIfTI + PNG)")] = False,
+    occlusion_size: Annotated[int, typer.Option(min=2, help="occlusion patch (voxels)")] = 16,
+):
+    """Predict NMOSD vs MS for new patients with a bundle's fold ensemble."""
+    from rich.table import Table
+
+    from .data.ingest import Subject
+    from .predict import load_bundle, predict_subjects, subjects_from_manifest
+
+    if manifest is not None and (lesion_mask or flair or brain_mask):
+        raise NmosdError("give either --manifest or --lesion-mask/--flair, not both")
+    if manifest is not None:
+        subjects = subjects_from_manifest(manifest)
+    elif lesion_mask is not None or flair is not None:
+        for p, what in ((lesion_mask, "lesion mask"), (flair, "FLAIR"), (brain_mask, "brain mask")):
+            if p is not None and not p.is_file():
+                raise NmosdError(f"{what} not found: {p}")
+        subjects = [Subject(participant_id, "", flair, lesion_mask, brain_mask)]
+    else:
+        raise NmosdError("nothing to predict: give --lesion-mask (and/or --flair) or --manifest")
+    if saliency and out_dir is None:
+        raise NmosdError("--saliency needs --out for the maps")
+    if out_dir is not None and out_dir.exists() and any(out_dir.glob("predictions.*")):
+        raise NmosdError(f"--out {out_dir} already holds predictions; choose a new folder")
+    bundle = load_bundle(model_dir)
+    with Bar("predict") as bar:
+        df = predict_subjects(bundle, subjects, out_dir, saliency, occlusion_size, bar)
+    table = Table(title=f"{bundle.info['model']} ({len(bundle.models)} fold models)")
+    for col in ("participant_id", "P(NMOSD)", "predicted", "fold spread (SD)"):
+        table.add_column(col)
+    for _, r in df.iterrows():
+        table.add_row(
+            r["participant_id"],
+            f"{r['prob_nmosd']:.3f}",
+            r["predicted"],
+            f"{r['fold_spread']:.3f}" if r["fold_spread"] == r["fold_spread"] else "–",
+        )
+    out.print(table)
+    if out_dir is not None:
+        out.print(f"written: {out_dir / 'predictions.tsv'}")
+
+
 def main() -> None:
     try:
         app()

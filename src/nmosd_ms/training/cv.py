@@ -311,7 +311,11 @@ def _now() -> str:
 
 def _model_info(name: str, size: int) -> dict:
     spec = get_spec(name)
-    info = {"family": spec.family, "size": size, "description": spec.description}
+    info = {
+        "family": spec.family,
+        "size": size if spec.is_torch else None,
+        "description": spec.description,
+    }
     if spec.is_torch:
         net = spec.build(size=size)
         info["parameters"] = count_parameters(net)
@@ -390,7 +394,7 @@ def run_cv(
             )
         models_info = old["models"]
         for m in config.models:
-            if m in models_info and models_info[m]["size"] != sizes[m]:
+            if m in models_info and get_spec(m).is_torch and models_info[m]["size"] != sizes[m]:
                 raise NmosdError(
                     f"{root}: {m} was run at size {models_info[m]['size']}, not {sizes[m]}"
                 )

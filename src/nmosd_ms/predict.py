@@ -1,0 +1,439 @@
+"""Model bundles (``export``, ``fit``) and prediction on new patients (``predict``).
+
+A bundle is a folder::
+
+    MODEL_DIR/model.json          architecture, preprocessing, labels, cohort, cv metrics, files+sha256
+    MODEL_DIR/MODEL_CARD.md       intended use, data, performance, limitations
+    MODEL_DIR/weights/<name>.safetensors   one file per fold model (an ensemble)
+
+Weight files are verified against their sha256 in model.json before anything is loaded; a missing
+or altered file is refused. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import LABELS, __version__
+from .config import PrepareConfig, TrainConfig
+from .data.ingest import Subject
+from .data.preprocess import PreparedSubject, load_prepared, prepare_subject
+from .errors import NmosdError
+from .io import read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
+from .models import get_spec
+from .models.weights import load_model_file
+
+CARD = """# Model card: {name}
+
+**Research use only. Not a medical device; not for diagnosis or treatment decisions.**
+
+## Model
+- Architecture: `{model}` — {description}
+- Input: {input} resized to {size}³ after cropping to the brain/head box (preprocessing below)
+- Output: P(NMOSD); NMOSD is the positive class. The bundle averages {n} fold models; the spread
+  across them is reported as an uncertainty figure.
+- Views (two-/three-view models): {views}. Axes are those of the canonical RAS volume: `lr` =
+  left-right, `ap` = anterior-posterior, `si` = inferior-superior; each listed axis becomes the
+  channel axis of one compression block (the paper's default pair is lr + ap).
+
+## Training data
+- Cohort: {n_subjects} subjects ({counts}); cohort hash `{cohort_hash}`.
+- Source: {source}. {kind}
+
+## Performance ({perf_source})
+{performance}
+
+## Preprocessing
+{preprocessing}
+
+## Limitations
+- Trained on a small cohort; performance on other scanners, protocols and populations is unknown.
+- Only white-matter-lesion maps are seen (no spinal cord, no antibodies, no clinical data), which
+  cannot separate NMOSD from MS for patients whose brain lesions look alike (seronegative NMOSD,
+  MS with few lesions, NMOSD without brain lesions).
+- {synthetic}
+"""
+
+
+def _sha_ok(path: Path, expected: str) -> bool:
+    return path.is_file() and sha256_file(path) == expected
+
+
+def export_bundle(
+    run_dir: str | Path, model: str, out_dir: str | Path, repeats: list[int] | None = None
+) -> Path:
+    """Bundle the fold models of ``model`` from a cv run (default: every fold of repeat 0)."""
+    from .report.tables import load_run, table2
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    run = load_run(run_dir)
+    spec = get_spec(model)
+    if not spec.is_torch:
+        raise NmosdError(f"{model}: only neural-network models can be exported")
+    if model not in run.models:
+        raise NmosdError(f"{run_dir} has no finished folds of {model}")
+    if out.exists():
+        raise NmosdError(f"--out {out} exists; choose a new folder (bundles are never overwritten)")
+    repeats = repeats if repeats is not None else [0]
+    folds = run.folds[(run.folds["model"] == model) & run.folds["repeat"].isin(repeats)]
+    k = int(run.meta["options"]["folds"])
+    if len(folds) != k * len(repeats):
+        raise NmosdError(f"{model}: repeats {repeats} are not finished in {run_dir}")
+    cache_params = run.meta["options"]["prepare"]
+    size = int(run.meta["models"][model]["size"])
+    t2 = table2(run).set_index("model").loc[model]
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None)
+    )
+    try:
+        files = []
+        for _, row in folds.sort_values(["repeat", "fold"]).iterrows():
+            src = (
+                run_dir
+                / "models"
+                / model
+                / f"repeat-{row['repeat']}"
+                / f"fold-{row['fold']}.safetensors"
+            )
+            meta = read_json(src.with_suffix(".json"))
+            if not _sha_ok(src, meta["sha256"]):
+                raise NmosdError(f"{src} does not match its recorded sha256")
+            name = f"repeat-{row['repeat']}_fold-{row['fold']}.safetensors"
+            (tmp / "weights").mkdir(exist_ok=True)
+            shutil.copyfile(src, tmp / "weights" / name)
+            files.append(
+                {
+                    "file": f"weights/{name}",
+                    "sha256": meta["sha256"],
+                    "repeat": int(row["repeat"]),
+                    "fold": int(row["fold"]),
+                    "test_ids": meta["test_ids"],
+                }
+            )
+        metrics = {
+            m: {
+                "mean": t2[f"{m}_mean"],
+                "sd": t2[f"{m}_sd"],
+                "ci_low": t2[f"{m}_ci_low"],
+                "ci_high": t2[f"{m}_ci_high"],
+            }
+            for m in ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
+        }
+        info = _bundle_info(
+            model,
+            size,
+            cache_params,
+            run.meta,
+            files,
+            metrics,
+            kind="cross-validation fold models",
+            source=str(run_dir.resolve()),
+        )
+        _write_bundle(tmp, info)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _bundle_info(model, size, prep, run_meta, files, metrics, kind, source) -> dict:
+    spec = get_spec(model)
+    return {
+        "format": "nmosd-ms-bundle/1",
+        "name": f"nmosd-ms {model}",
+        "model": model,
+        "family": spec.family,
+        "views": list(spec.views),
+        "size": size,
+        "description": spec.description,
+        "preprocessing": {**prep, "size": size, "cache_size": prep["size"]},
+        "labels": list(LABELS),
+        "positive_class": "NMOSD",
+        "training": {
+            "cohort_hash": run_meta["options"]["cohort_hash"],
+            "n_subjects": run_meta["options"]["n_subjects"],
+            "counts": run_meta["cohort"]["counts"],
+            "train_config": run_meta["options"]["train"],
+            "kind": kind,
+            "source": source,
+        },
+        "cv_metrics": metrics,
+        "files": files,
+        "nmosd_ms_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_bundle(folder: Path, info: dict) -> None:
+    write_json(folder / "model.json", info)
+    m = info["cv_metrics"]
+    if m:
+        perf = "\n".join(
+            f"- {k.replace('_', ' ')}: {v['mean']:.3f} (SD over repeats {v['sd']:.3f}; 95 % CI "
+            f"{v['ci_low']:.3f}–{v['ci_high']:.3f})"
+            if v["sd"] == v["sd"]
+            else f"- {k.replace('_', ' ')}: {v['mean']:.3f} (95 % CI {v['ci_low']:.3f}–{v['ci_high']:.3f})"
+            for k, v in m.items()
+        )
+    else:
+        perf = "- not estimated: this model was fitted on the whole cohort (see `nmosd-ms cv`)."
+    prep = "\n".join(f"- {k}: {v}" for k, v in info["preprocessing"].items())
+    counts = ", ".join(f"{v} {k}" for k, v in info["training"]["counts"].items())
+    synthetic = (
+        "If the training cohort is the built-in synthetic one, the numbers above describe "
+        "synthetic data only and say nothing about patients."
+    )
+    write_text(
+        folder / "MODEL_CARD.md",
+        CARD.format(
+            name=info["name"],
+            model=info["model"],
+            description=info["description"],
+            input=info["preprocessing"]["input"],
+            size=info["size"],
+            n=len(info["files"]),
+            views=", ".join(info["views"]) or "n/a (3D model)",
+            n_subjects=info["training"]["n_subjects"],
+            counts=counts,
+            cohort_hash=info["training"]["cohort_hash"][:16],
+            source=info["training"]["source"],
+            kind=f"Weights: {info['training']['kind']}.",
+            perf_source="cross-validation, held-out folds" if m else "none",
+            performance=perf,
+            preprocessing=prep,
+            synthetic=synthetic,
+        ),
+    )
+
+
+def fit_bundle(
+    cache_dir: str | Path,
+    model: str,
+    out_dir: str | Path,
+    train: TrainConfig,
+    seed: int = 0,
+    device: str = "auto",
+) -> Path:
+    """Train one model on the whole prepared cohort and bundle it (recorded as such)."""
+    from safetensors.torch import save_file
+
+    from .data.ingest import check_trainable
+    from .io import atomic_path
+    from .training.loop import train_torch_fold
+
+    spec = get_spec(model)
+    if not spec.is_torch:
+        raise NmosdError(f"{model}: only neural-network models can be fitted into a bundle")
+    out = Path(out_dir)
+    if out.exists():
+        raise NmosdError(f"--out {out} exists; choose a new folder (bundles are never overwritten)")
+    cohort = load_prepared(cache_dir)
+    check_trainable(cohort.diagnoses, 2)
+    vols = torch.from_numpy(cohort.volumes[:, None])
+    idx = np.arange(len(cohort.ids))
+    res = train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None)
+    )
+    try:
+        wpath = tmp / "weights" / "full.safetensors"
+        with atomic_path(wpath, suffix=".safetensors") as t:
+            save_file(res.state_dict, str(t), metadata={"model": model})
+        files = [
+            {
+                "file": "weights/full.safetensors",
+                "sha256": sha256_file(wpath),
+                "repeat": None,
+                "fold": None,
+                "test_ids": [],
+            }
+        ]
+        meta = {
+            "options": {
+                "cohort_hash": cohort.cohort_hash,
+                "n_subjects": len(cohort.ids),
+                "train": train.model_dump(mode="json"),
+            },
+            "cohort": {
+                "counts": {lab: int(sum(d == lab for d in cohort.diagnoses)) for lab in LABELS}
+            },
+        }
+        info = _bundle_info(
+            model,
+            int(cohort.volumes.shape[-1]),
+            cohort.params,
+            meta,
+            files,
+            {},
+            kind="one model fitted on the whole cohort (no held-out estimate)",
+            source=str(Path(cache_dir).resolve()),
+        )
+        _write_bundle(tmp, info)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class Bundle:
+    path: Path
+    info: dict
+    models: list[torch.nn.Module]
+
+    @property
+    def prepare_config(self) -> PrepareConfig:
+        p = dict(self.info["preprocessing"])
+        p.pop("cache_size", None)
+        p["size"] = int(p["size"])
+        return PrepareConfig(**p)
+
+
+def load_bundle(model_dir: str | Path) -> Bundle:
+    folder = Path(model_dir)
+    if not (folder / "model.json").is_file():
+        raise NmosdError(f"{folder} is not a model bundle (no model.json; see nmosd-ms export)")
+    info = read_json(folder / "model.json")
+    if info.get("format") != "nmosd-ms-bundle/1":
+        raise NmosdError(f"{folder}/model.json is not an nmosd-ms bundle description")
+    spec = get_spec(info["model"])
+    models = []
+    for f in info["files"]:
+        path = folder / f["file"]
+        if not path.is_file():
+            raise NmosdError(f"bundle {folder} is incomplete: {f['file']} is missing")
+        if sha256_file(path) != f["sha256"]:
+            raise NmosdError(
+                f"bundle {folder}: {f['file']} was altered (sha256 mismatch); refusing"
+            )
+        net = spec.build(size=int(info["size"]))
+        load_model_file(net, path)
+        models.append(net.eval())
+    if not models:
+        raise NmosdError(f"bundle {folder} lists no weight files")
+    return Bundle(folder, info, models)
+
+
+def prepare_for_bundle(bundle: Bundle, subject: Subject) -> PreparedSubject:
+    """Exactly the bundle's preprocessing (at the cache size, then the model size if smaller)."""
+    p = dict(bundle.info["preprocessing"])
+    cache_size, size = int(p.pop("cache_size")), int(p["size"])
+    prep = prepare_subject(subject, PrepareConfig(**{**p, "size": cache_size}))
+    if size != cache_size:
+        from .data.spatial import resize
+
+        prep.array = resize(prep.array, size).astype(np.float32)
+    return prep
+
+
+@torch.no_grad()
+def ensemble_probabilities(bundle: Bundle, volume: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    return np.array([float(torch.softmax(m(x), 1)[0, 1]) for m in bundle.models])
+
+
+def subjects_from_manifest(path: str | Path) -> list[Subject]:
+    """Prediction manifest: participant_id, lesion_mask[, flair, brain_mask] (no labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NmosdError(f"manifest not found: {path}")
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    if "participant_id" not in df.columns or not ({"lesion_mask", "flair"} & set(df.columns)):
+        raise NmosdError(f"{path}: needs participant_id and lesion_mask (or flair) columns")
+    if df["participant_id"].duplicated().any():
+        dup = sorted(set(df.loc[df["participant_id"].duplicated(), "participant_id"]))
+        raise NmosdError(f"{path}: duplicate participant_id {', '.join(dup)}")
+    out = []
+    for _, r in df.iterrows():
+
+        def opt(col, r=r):
+            cell = str(r.get(col, "") or "").strip()
+            if not cell:
+                return None
+            p = (path.parent / cell).resolve()
+            if not p.is_file():
+                raise NmosdError(f"participant {r['participant_id']}: {col} not found: {p}")
+            return p
+
+        out.append(
+            Subject(
+                str(r["participant_id"]).strip(),
+                "",
+                opt("flair"),
+                opt("lesion_mask"),
+                opt("brain_mask"),
+            )
+        )
+    return out
+
+
+def predict_subjects(
+    bundle: Bundle,
+    subjects: list[Subject],
+    out_dir: str | Path | None = None,
+    saliency: bool = False,
+    occlusion_size: int = 16,
+    progress=None,
+) -> pd.DataFrame:
+    """Predict every subject (all inputs validated first); write predictions and saliency maps."""
+    prepared = [prepare_for_bundle(bundle, s) for s in subjects]  # validates everything first
+    rows, maps = [], {}
+    for i, (s, prep) in enumerate(zip(subjects, prepared, strict=True)):
+        probs = ensemble_probabilities(bundle, prep.array)
+        mean = float(probs.mean())
+        rows.append(
+            {
+                "participant_id": s.participant_id,
+                "prob_nmosd": mean,
+                "predicted": "NMOSD" if mean >= 0.5 else "MS",
+                "fold_spread": float(probs.std(ddof=1)) if len(probs) > 1 else math.nan,
+                "fold_min": float(probs.min()),
+                "fold_max": float(probs.max()),
+                **{
+                    f"prob_{Path(f['file']).stem}": float(p)
+                    for f, p in zip(bundle.info["files"], probs, strict=True)
+                },
+            }
+        )
+        if saliency:
+            from .interpret import occlusion_map
+
+            maps[s.participant_id] = occlusion_map(bundle.models, prep.array, occlusion_size)
+        if progress:
+            progress(i + 1, len(subjects))
+    df = pd.DataFrame(rows)
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_tsv(out / "predictions.tsv", df)
+        write_json(
+            out / "predictions.json",
+            {
+                "bundle": str(bundle.path.resolve()),
+                "model": bundle.info["model"],
+                "nmosd_ms_version": __version__,
+                "threshold": 0.5,
+                "predictions": df.to_dict("records"),
+            },
+        )
+        if saliency:
+            from .interpret import save_saliency
+
+            for s, prep in zip(subjects, prepared, strict=True):
+                save_saliency(out, s, prep, maps[s.participant_id])
+    return df
+
+
+def cv_predictions(run_dir: str | Path) -> pd.DataFrame:
+    return read_tsv(Path(run_dir) / "results" / "predictions.tsv")

@@ -1,0 +1,200 @@
+"""``nmosd-ms report RUN_DIR``: tables, figures and one self-contained HTML page.
+
+The report is built in a temporary folder next to ``RUN_DIR/report`` and swapped in at the end,
+so an interrupted build never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .. import __version__
+from ..io import write_json, write_text, write_tsv
+from . import figures
+from .tables import (
+    chance_level,
+    comparisons,
+    comparisons_display,
+    load_run,
+    table2,
+    table2_display,
+    table3,
+    table3_display,
+    to_markdown,
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;margin:2em auto;
+padding:0 1em;color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.88em;margin:.6em 0}
+th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left}th{background:#f3f5f8}
+.note{color:#555;font-size:.9em}.warn{background:#fff6e0;border-left:4px solid #e0a000;padding:.5em 1em}
+figure{margin:1.2em 0}figcaption{color:#444;font-size:.9em}img{max-width:100%}
+"""
+
+
+def _table_html(df: pd.DataFrame, table_id: str) -> str:
+    return df.to_html(
+        index=False, escape=True, border=0, table_id=table_id, classes="data", na_rep="–"
+    )
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report/`` and return the path of ``index.html``."""
+    run = load_run(run_dir)
+    root = Path(run_dir)
+    final = root / "report"
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=root))
+    try:
+        _write(run, tmp)
+        if final.exists():
+            old = root / f".report-old-{tmp.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "index.html"
+
+
+def _write(run, out: Path) -> None:
+    t2, t3, cmp = table2(run), table3(run), comparisons(run)
+    write_tsv(out / "table2.tsv", t2)
+    write_text(out / "table2.md", to_markdown(table2_display(t2)))
+    write_tsv(out / "table3.tsv", t3)
+    write_text(out / "table3.md", to_markdown(table3_display(t3)))
+    write_tsv(out / "comparisons.tsv", cmp)
+    write_text(out / "comparisons.md", to_markdown(comparisons_display(cmp)))
+    figdir = out / "figures"
+    figs = []
+    lc = figures.learning_curves(run, figdir)
+    if lc:
+        figs.append(
+            (
+                lc,
+                "Figure 4 (as in the paper): mean training and held-out accuracy per "
+                "epoch; bands are ± SD over folds.",
+            )
+        )
+    figs.append(
+        (
+            figures.roc_curves(run, figdir),
+            "ROC curves: mean over repeats (each repeat "
+            "pools its folds' held-out predictions), band ± SD.",
+        )
+    )
+    figs.append(
+        (
+            figures.confusion_matrices(run, figdir),
+            "Confusion matrices at P(NMOSD) ≥ 0.5, counts per repeat.",
+        )
+    )
+    subj_png, subjects = figures.subject_probabilities(run, figdir)
+    figs.append(
+        (
+            subj_png,
+            "Mean predicted P(NMOSD) per subject across repeats (± SD); ▼ marks "
+            "subjects misclassified in every repeat.",
+        )
+    )
+    write_tsv(out / "subjects.tsv", subjects)
+
+    meta = run.meta
+    opts = meta["options"]
+    counts = meta["cohort"]["counts"]
+    n = sum(counts.values())
+    chance = chance_level(run)
+    train = opts["train"]
+    env = meta["environment"]
+    always_wrong = subjects[subjects["always_wrong"]].groupby("model")["participant_id"].apply(list)
+    summary = {
+        "tool": "nmosd-ms report",
+        "version": __version__,
+        "run": str(run.root.resolve()),
+        "n_subjects": n,
+        "counts": counts,
+        "chance_level": chance,
+        "protocol": {
+            "folds": opts["folds"],
+            "repeats": opts["repeats"],
+            "seed": opts["seed"],
+            "epochs": train["epochs"],
+            "batch_size": train["batch_size"],
+            "lr": train["lr"],
+        },
+        "device": env["device"],
+        "models": run.models,
+        "always_wrong": {k: v for k, v in always_wrong.items()},
+    }
+    write_json(out / "report.json", summary)
+
+    wrong_lines = (
+        "".join(
+            f"<li><b>{html.escape(m)}</b>: {html.escape(', '.join(ids))}</li>"
+            for m, ids in always_wrong.items()
+        )
+        or "<li>none</li>"
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>nmosd-ms report</title><style>{CSS}</style></head><body>
+<h1>NMOSD vs MS: cross-validation report</h1>
+<p class="note">nmosd-ms {__version__} · research use only, not for diagnosis · run
+<code>{html.escape(str(run.root))}</code></p>
+<p><b>Cohort:</b> {n} subjects — {counts.get("NMOSD", 0)} NMOSD, {counts.get("MS", 0)} MS.
+<b>Chance level</b> (always answering the majority class): {chance:.3f}.<br>
+<b>Protocol:</b> {opts["folds"]}-fold stratified cross-validation repeated {opts["repeats"]}
+time(s) on identical subject-level splits for every model (seed {opts["seed"]});
+{train["epochs"]} epochs, SGD lr {train["lr"]} (×{train["gamma"]} every {train["step_size"]}
+epochs), batch {train["batch_size"]}, weights: {html.escape(str(train["weights"]))},
+precision {train["precision"]}. NMOSD is the positive class (sensitivity = NMOSD recall,
+specificity = MS recall).<br>
+<b>Device:</b> {html.escape(env["device"])} ({html.escape(str(env.get("device_name", "")))},
+{env.get("cpu_count")} CPUs, torch {html.escape(env["torch"])}).</p>
+<h2>Table 2 — performance</h2>
+<p class="note">mean ± SD over repeats (each repeat pools its folds' held-out predictions) [95 %
+CI from the corrected resampled t distribution over folds]. With one repeat the SD is undefined.</p>
+{_table_html(table2_display(t2), "table2")}
+<h3>Pairwise comparisons</h3>
+<p class="note">Corrected resampled t-test (Nadeau &amp; Bengio 2003; Bouckaert &amp; Frank 2004):
+variance × (1/(k·r) + n_test/n_train), df = k·r − 1; p-values Holm-adjusted across pairs, per
+metric.</p>
+{_table_html(comparisons_display(cmp), "comparisons") if len(cmp) else "<p>Only one model: nothing to compare.</p>"}
+<h2>Table 3 — complexity</h2>
+<p class="note">Parameters and FLOPs per forward pass at the run's input size; times and memory
+measured during the run on the device above (peak memory is the process peak, so a model run
+after a larger one inherits that peak).</p>
+{_table_html(table3_display(t3), "table3")}
+<h2>Figures</h2>
+{"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figs)}
+<h3>Subjects misclassified in every repeat</h3><ul>{wrong_lines}</ul>
+<p class="note">Files: table2.tsv/.md, table3.tsv/.md, comparisons.tsv/.md, subjects.tsv,
+report.json, figures/*.png and *.svg.</p>
+</body></html>
+"""
+    write_text(out / "index.html", page)
+    write_text(
+        out / "README.md",
+        (
+            "# nmosd-ms report\n\n`index.html` is self-contained (figures embedded). Tables: "
+            "`table2` (performance), `comparisons` (corrected resampled t-tests, Holm), `table3` "
+            "(complexity), `subjects` (per-subject mean probabilities). `report.json` summarises "
+            "the cohort, protocol and device. Figures in `figures/` as PNG and SVG.\n"
+        ),
+    )

@@ -1,0 +1,134 @@
+"""Figures (matplotlib, Agg backend): learning curves (the paper's Fig. 4), ROC curves,
+confusion matrices and per-subject predicted probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+
+from ..io import atomic_path  # noqa: E402
+from .tables import Run, subject_summary  # noqa: E402
+
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "svg"):
+        with atomic_path(folder / f"{name}.{ext}", suffix=f".{ext}") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=ext)
+    plt.close(fig)
+    return folder / f"{name}.png"
+
+
+def learning_curves(run: Run, folder: Path) -> Path | None:
+    torch_models = [m for m in run.models if m in set(run.curves["model"])]
+    if not torch_models:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, model in enumerate(torch_models):
+        c = run.curves[run.curves["model"] == model]
+        for ax, col in zip(axes, ("train_accuracy", "test_accuracy"), strict=True):
+            g = c.dropna(subset=[col]).groupby("epoch")[col]
+            mean, sd = g.mean(), g.std().fillna(0)
+            ax.plot(mean.index, mean.values, color=COLORS[i % 10], label=model)
+            ax.fill_between(mean.index, mean - sd, mean + sd, color=COLORS[i % 10], alpha=0.2)
+    axes[0].set_title("training accuracy")
+    axes[1].set_title("held-out accuracy (descriptive; never used to select epochs)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean ± SD over folds)")
+    axes[1].legend(loc="lower right")
+    return _save(fig, folder, "fig4_learning_curves")
+
+
+def roc_curves(run: Run, folder: Path) -> Path:
+    grid = np.linspace(0, 1, 101)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for i, model in enumerate(run.models):
+        p = run.predictions[run.predictions["model"] == model]
+        tprs = []
+        for _, g in p.groupby("repeat"):
+            y = (g["diagnosis"] == "NMOSD").astype(int)
+            if y.nunique() < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, g["prob_nmosd"])
+            tprs.append(np.interp(grid, fpr, tpr, left=0))
+        if not tprs:
+            continue
+        t = np.array(tprs)
+        mean, sd = t.mean(0), t.std(0)
+        ax.plot(grid, mean, color=COLORS[i % 10], label=model)
+        ax.fill_between(
+            grid,
+            np.clip(mean - sd, 0, 1),
+            np.clip(mean + sd, 0, 1),
+            color=COLORS[i % 10],
+            alpha=0.15,
+        )
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set_xlabel("1 − specificity (MS called NMOSD)")
+    ax.set_ylabel("sensitivity (NMOSD recall)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, folder, "roc")
+
+
+def confusion_matrices(run: Run, folder: Path) -> Path:
+    n = len(run.models)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    for ax, model in zip(axes[0], run.models, strict=True):
+        p = run.predictions[run.predictions["model"] == model]
+        reps = max(p["repeat"].nunique(), 1)
+        y = (p["diagnosis"] == "NMOSD").astype(int)
+        cm = confusion_matrix(y, (p["prob_nmosd"] >= 0.5).astype(int), labels=[0, 1]) / reps
+        ax.imshow(cm, cmap="Blues")
+        for (r, c), v in np.ndenumerate(cm):
+            ax.text(
+                c,
+                r,
+                f"{v:.1f}",
+                ha="center",
+                va="center",
+                color="white" if v > cm.max() / 2 else "black",
+            )
+        ax.set_xticks([0, 1], ["MS", "NMOSD"])
+        ax.set_yticks([0, 1], ["MS", "NMOSD"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(model, fontsize=9)
+    return _save(fig, folder, "confusion")
+
+
+def subject_probabilities(run: Run, folder: Path) -> tuple[Path, pd.DataFrame]:
+    s = subject_summary(run)
+    n = len(run.models)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.2 * n), squeeze=False, sharex=False)
+    for ax, model in zip(axes[:, 0], run.models, strict=True):
+        d = s[s["model"] == model].sort_values(["diagnosis", "mean_prob_nmosd"])
+        x = np.arange(len(d))
+        colors = [COLORS[3] if dx == "NMOSD" else COLORS[0] for dx in d["diagnosis"]]
+        ax.bar(
+            x,
+            d["mean_prob_nmosd"],
+            color=colors,
+            yerr=d["sd_prob_nmosd"].fillna(0),
+            error_kw={"lw": 0.5},
+        )
+        wrong = d["always_wrong"].to_numpy()
+        ax.scatter(x[wrong], np.full(wrong.sum(), 1.05), marker="v", color="black", s=12)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1.12)
+        ax.set_xticks([])
+        ax.set_ylabel("P(NMOSD)")
+        ax.set_title(f"{model}: blue = MS, red = NMOSD; ▼ = wrong in every repeat", fontsize=9)
+    return _save(fig, folder, "subjects"), s

@@ -1,0 +1,256 @@
+"""Tables computed from a cv run's result files (nothing is re-trained)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import NmosdError
+from ..evaluation.metrics import METRICS, binary_metrics
+from ..evaluation.stats import corrected_ci, corrected_resampled_ttest, holm
+from ..io import read_json, read_tsv
+
+
+@dataclass
+class Run:
+    root: Path
+    meta: dict
+    folds: pd.DataFrame
+    predictions: pd.DataFrame
+    curves: pd.DataFrame
+    splits: pd.DataFrame
+
+    @property
+    def models(self) -> list[str]:
+        present = set(self.folds["model"])
+        return [m for m in self.meta["models"] if m in present]
+
+
+def load_run(root: str | Path) -> Run:
+    root = Path(root)
+    needed = [
+        "run.json",
+        "splits.tsv",
+        "results/folds.tsv",
+        "results/predictions.tsv",
+        "results/curves.tsv",
+    ]
+    missing = [n for n in needed if not (root / n).is_file()]
+    if missing:
+        raise NmosdError(f"{root} is not a cv run folder (missing {', '.join(missing)})")
+    run = Run(
+        root,
+        read_json(root / "run.json"),
+        read_tsv(root / "results/folds.tsv"),
+        read_tsv(root / "results/predictions.tsv"),
+        read_tsv(root / "results/curves.tsv"),
+        read_tsv(root / "splits.tsv"),
+    )
+    if run.folds.empty:
+        raise NmosdError(f"{root} has no finished folds yet")
+    return run
+
+
+def repeat_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Metrics per (model, repeat), pooling the held-out predictions of that repeat's folds."""
+    rows = []
+    for (model, repeat), g in predictions.groupby(["model", "repeat"], sort=False):
+        y = (g["diagnosis"] == "NMOSD").astype(int)
+        rows.append({"model": model, "repeat": repeat, **binary_metrics(y, g["prob_nmosd"])})
+    return pd.DataFrame(rows)
+
+
+def chance_level(run: Run) -> float:
+    counts = run.meta["cohort"]["counts"]
+    return max(counts.values()) / sum(counts.values())
+
+
+def table2(run: Run) -> pd.DataFrame:
+    """Per model: mean, SD over repeats, 95 % CI (corrected resampled t) of each metric."""
+    per_repeat = repeat_metrics(run.predictions)
+    rows = []
+    for model in run.models:
+        f = run.folds[run.folds["model"] == model]
+        r = per_repeat[per_repeat["model"] == model]
+        row = {"model": model, "repeats": int(r["repeat"].nunique()), "folds": len(f)}
+        n_train, n_test = f["n_train"].mean(), f["n_test"].mean()
+        for m in METRICS:
+            vals = r[m].to_numpy(dtype=float)
+            row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
+            row[f"{m}_sd"] = (
+                float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
+            )
+            lo, hi = corrected_ci(f[m], n_train, n_test)
+            # the metrics are proportions: clip the t interval to [0, 1]
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = max(lo, 0.0), min(hi, 1.0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparisons(run: Run, metrics=("accuracy", "auc")) -> pd.DataFrame:
+    """Pairwise corrected resampled t-tests on fold scores, Holm-adjusted per metric."""
+    k = int(run.meta["options"]["folds"])
+    rows = []
+    for metric in metrics:
+        block = []
+        for a, b in itertools.combinations(run.models, 2):
+            fa = run.folds[run.folds["model"] == a].set_index(["repeat", "fold"])
+            fb = run.folds[run.folds["model"] == b].set_index(["repeat", "fold"])
+            common = fa.index.intersection(fb.index)
+            va, vb = fa.loc[common, metric].to_numpy(float), fb.loc[common, metric].to_numpy(float)
+            ok = np.isfinite(va) & np.isfinite(vb)
+            if ok.sum() < 2:
+                continue
+            res = corrected_resampled_ttest(
+                va[ok], vb[ok], fa.loc[common, "n_train"].mean(), fa.loc[common, "n_test"].mean()
+            )
+            block.append(
+                {
+                    "metric": metric,
+                    "model_a": a,
+                    "model_b": b,
+                    "folds": int(ok.sum()),
+                    "k": k,
+                    "mean_difference": res.mean_difference,
+                    "ci_low": res.ci_low,
+                    "ci_high": res.ci_high,
+                    "t": res.t,
+                    "df": res.df,
+                    "p_value": res.p_value,
+                }
+            )
+        if block:
+            adj = holm([r["p_value"] for r in block])
+            for r, p in zip(block, adj, strict=True):
+                r["p_holm"] = float(p)
+            rows += block
+    cols = [
+        "metric",
+        "model_a",
+        "model_b",
+        "folds",
+        "k",
+        "mean_difference",
+        "ci_low",
+        "ci_high",
+        "t",
+        "df",
+        "p_value",
+        "p_holm",
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def table3(run: Run) -> pd.DataFrame:
+    """Complexity: parameters, FLOPs, measured times and memory on the run's device."""
+    rows = []
+    for model in run.models:
+        info = run.meta["models"][model]
+        f = run.folds[run.folds["model"] == model]
+        rows.append(
+            {
+                "model": model,
+                "input_size": info.get("size"),
+                "parameters": info.get("parameters"),
+                "gflops_per_forward": info["flops"] / 1e9 if info.get("flops") else math.nan,
+                "seconds_per_epoch": float(f["seconds_per_epoch"].mean()),
+                "seconds_per_fold": float(f["train_seconds"].mean()),
+                "epochs": float(f["epochs"].mean()),
+                "inference_ms_per_subject": float(f["inference_ms"].mean()),
+                "peak_memory_mb": float(f["peak_memory_mb"].max()),
+                "device": run.meta["environment"]["device"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def subject_summary(run: Run) -> pd.DataFrame:
+    """Mean predicted probability per subject and model across repeats; always-wrong flag."""
+    p = run.predictions.copy()
+    p["correct"] = (p["prob_nmosd"] >= 0.5) == (p["diagnosis"] == "NMOSD")
+    g = p.groupby(["model", "participant_id", "diagnosis"], sort=False)
+    out = g.agg(
+        mean_prob_nmosd=("prob_nmosd", "mean"),
+        sd_prob_nmosd=("prob_nmosd", "std"),
+        times_correct=("correct", "sum"),
+        times_tested=("correct", "size"),
+    ).reset_index()
+    out["always_wrong"] = out["times_correct"] == 0
+    return out
+
+
+def _fmt(v, digits=3) -> str:
+    return (
+        "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+    )
+
+
+def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(
+        {
+            "model": t2["model"],
+            "repeats × folds": [
+                f"{r} × {f // max(r, 1)}" for r, f in zip(t2["repeats"], t2["folds"], strict=True)
+            ],
+        }
+    )
+    for m in METRICS:
+        out[m.replace("_", " ")] = [
+            f"{_fmt(a)} ± {_fmt(s)} [{_fmt(lo)}, {_fmt(hi)}]"
+            for a, s, lo, hi in zip(
+                t2[f"{m}_mean"], t2[f"{m}_sd"], t2[f"{m}_ci_low"], t2[f"{m}_ci_high"], strict=True
+            )
+        ]
+    return out
+
+
+def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": t3["model"],
+            "input": [
+                f"{int(s)}³" if s == s and s else "lesion features" for s in t3["input_size"]
+            ],
+            "parameters": [f"{p / 1e6:.2f} M" if p and p == p else "–" for p in t3["parameters"]],
+            "GFLOPs / forward": [_fmt(v, 2) for v in t3["gflops_per_forward"]],
+            "s / epoch": [_fmt(v, 2) for v in t3["seconds_per_epoch"]],
+            "s / fold": [_fmt(v, 1) for v in t3["seconds_per_fold"]],
+            "inference ms / subject": [_fmt(v, 1) for v in t3["inference_ms_per_subject"]],
+            "peak memory (MB)": [_fmt(v, 0) for v in t3["peak_memory_mb"]],
+            "device": t3["device"],
+        }
+    )
+
+
+def comparisons_display(cmp: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "metric": cmp["metric"],
+            "comparison": [
+                f"{a} − {b}" for a, b in zip(cmp["model_a"], cmp["model_b"], strict=True)
+            ],
+            "mean difference [95 % CI]": [
+                f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]"
+                for d, lo, hi in zip(
+                    cmp["mean_difference"], cmp["ci_low"], cmp["ci_high"], strict=True
+                )
+            ],
+            "t (df)": [f"{_fmt(t, 2)} ({d})" for t, d in zip(cmp["t"], cmp["df"], strict=True)],
+            "p": [_fmt(p, 4) for p in cmp["p_value"]],
+            "p (Holm)": [_fmt(p, 4) for p in cmp["p_holm"]],
+        }
+    )
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate package)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"

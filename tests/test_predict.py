@@ -1,0 +1,102 @@
+"""Bundles and prediction: equality with cv predictions, tampering, saliency on the native grid."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_or_skip
+from helpers import assert_user_error, run_cli
+
+from nmosd_ms.data.ingest import load_bids
+from nmosd_ms.predict import export_bundle, load_bundle, predict_subjects
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(small_run, tmp_path_factory):
+    return export_bundle(small_run, "twoview-18", tmp_path_factory.mktemp("b") / "bundle")
+
+
+def test_bundle_contents(bundle_dir):
+    info = json.loads((bundle_dir / "model.json").read_text())
+    assert info["model"] == "twoview-18" and info["size"] == 24 and len(info["files"]) == 3
+    assert info["labels"] == ["MS", "NMOSD"] and info["training"]["n_subjects"] == 16
+    assert set(info["cv_metrics"]) >= {"accuracy", "auc"}
+    card = (bundle_dir / "MODEL_CARD.md").read_text()
+    assert "Research use only" in card and "lr, ap" in card
+
+
+def test_predictions_equal_cv_fold_predictions(bundle_dir, small_run, phantom_cohort):
+    cohort = load_bids(phantom_cohort)
+    bundle = load_bundle(bundle_dir)
+    subjects = list(cohort.subjects[:4])
+    df = predict_subjects(bundle, subjects)
+    cv = pd.read_csv(small_run / "results/predictions.tsv", sep="\t")
+    cv = cv[(cv["model"] == "twoview-18") & (cv["repeat"] == 0)]
+    for s in subjects:
+        row = cv[cv["participant_id"] == s.participant_id].iloc[0]
+        col = f"prob_repeat-0_fold-{row['fold']}"
+        got = df.loc[df["participant_id"] == s.participant_id, col].iloc[0]
+        assert got == pytest.approx(row["prob_nmosd"], abs=1e-5)
+    probs = df[[c for c in df.columns if c.startswith("prob_repeat")]].to_numpy()
+    assert np.allclose(df["prob_nmosd"], probs.mean(1))
+
+
+def test_tampered_or_incomplete_bundle_is_refused(bundle_dir, tmp_path, phantom_cohort):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    w = sorted((bad / "weights").glob("*.safetensors"))[0]
+    raw = bytearray(w.read_bytes())
+    raw[-10] ^= 0xFF
+    w.write_bytes(bytes(raw))
+    lesion = next((phantom_cohort / "derivatives").rglob("*_desc-lesion_mask.nii.gz"))
+    res = run_cli("predict", bad, "--lesion-mask", lesion, "--out", tmp_path / "o")
+    assert_user_error(res, "altered")
+    w.unlink()
+    assert_user_error(run_cli("predict", bad, "--lesion-mask", lesion), "missing")
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_cli_and_saliency_on_native_scan(bundle_dir, tmp_path):
+    root = shared_or_skip("lesjak2017", "sub-01")
+    out = tmp_path / "pred"
+    res = run_cli(
+        "predict",
+        bundle_dir,
+        "--lesion-mask",
+        root / "lesion_mask.nii.gz",
+        "--brain-mask",
+        root / "brain_mask.nii.gz",
+        "--out",
+        out,
+        "--saliency",
+        "--occlusion-size",
+        "8",
+    )
+    assert res.exit_code == 0, res.stderr
+    pred = pd.read_csv(out / "predictions.tsv", sep="\t")
+    assert pred["participant_id"].tolist() == ["subject"]
+    assert 0 <= pred["prob_nmosd"].iloc[0] <= 1 and pred["predicted"].iloc[0] in ("MS", "NMOSD")
+    sal = nib.load(out / "subject_saliency.nii.gz")
+    src = nib.load(root / "lesion_mask.nii.gz")
+    assert sal.shape == src.shape == (192, 512, 512)
+    assert np.allclose(sal.affine, src.affine)
+    data = np.asarray(sal.dataobj)
+    assert np.abs(data).max() > 0
+    # A genuine 3D map: it varies along every axis, not a 2D map smeared along one.
+    for axis in range(3):
+        assert np.abs(np.diff(data, axis=axis)).max() > 0
+    assert (out / "subject_saliency.png").stat().st_size > 10_000
+
+
+def test_predict_bad_inputs(bundle_dir, tmp_path):
+    assert_user_error(run_cli("predict", bundle_dir), "nothing to predict")
+    assert_user_error(
+        run_cli("predict", bundle_dir, "--lesion-mask", tmp_path / "no.nii.gz"), "not found"
+    )
+    assert_user_error(run_cli("predict", tmp_path, "--lesion-mask", tmp_path), "not found")

@@ -1,0 +1,136 @@
+"""Report: statistics, tables recomputed from result files, and the page in a real browser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from nmosd_ms.evaluation.stats import corrected_resampled_ttest, holm
+from nmosd_ms.models import build_model
+from nmosd_ms.models.complexity import count_parameters
+from nmosd_ms.report import build_report
+
+
+def test_corrected_resampled_ttest_hand_computed():
+    a = [0.80, 0.70, 0.90, 0.75, 0.85]
+    b = [0.70, 0.70, 0.80, 0.70, 0.75]
+    # d = [.1, 0, .1, .05, .1]: mean .07, s² = .008/4 = .002,
+    # corrected variance = .002 * (1/5 + 20/80) = .0009, se = .03, t = 7/3, df = 4.
+    res = corrected_resampled_ttest(a, b, n_train=80, n_test=20)
+    assert res.mean_difference == pytest.approx(0.07)
+    assert res.t == pytest.approx(7 / 3)
+    assert res.df == 4
+    assert res.p_value == pytest.approx(2 * stats.t.sf(7 / 3, 4))
+    assert 0.07 < res.p_value < 0.09  # two-sided t(4) table value for t = 2.333: p ≈ 0.080
+    half = stats.t.ppf(0.975, 4) * 0.03
+    assert (res.ci_low, res.ci_high) == pytest.approx((0.07 - half, 0.07 + half))
+    # The uncorrected test would say t = .07 / sqrt(.002 / 5) = 3.5: the correction matters.
+    naive = stats.ttest_rel(a, b)
+    assert naive.statistic == pytest.approx(3.5) and naive.pvalue < res.p_value
+
+
+def test_holm():
+    assert np.allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    assert np.allclose(holm([0.5, 0.9]), [1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def report_dir(small_run):
+    index = build_report(small_run)
+    assert index == small_run / "report" / "index.html"
+    return small_run / "report"
+
+
+def _tsv(path):
+    return pd.read_csv(path, sep="\t", dtype={"participant_id": str})
+
+
+def test_table2_recomputes_from_predictions(report_dir, small_run):
+    t2 = _tsv(report_dir / "table2.tsv").set_index("model")
+    preds = _tsv(small_run / "results/predictions.tsv")
+    for model, g in preds.groupby("model"):
+        accs, aucs = [], []
+        for _, r in g.groupby("repeat"):
+            y = (r["diagnosis"] == "NMOSD").astype(int)
+            accs.append(accuracy_score(y, (r["prob_nmosd"] >= 0.5).astype(int)))
+            aucs.append(roc_auc_score(y, r["prob_nmosd"]))
+        assert t2.loc[model, "accuracy_mean"] == pytest.approx(np.mean(accs))
+        assert t2.loc[model, "accuracy_sd"] == pytest.approx(np.std(accs, ddof=1))
+        assert t2.loc[model, "auc_mean"] == pytest.approx(np.mean(aucs))
+        assert 0 <= t2.loc[model, "accuracy_ci_low"] <= t2.loc[model, "accuracy_ci_high"] <= 1
+
+
+def test_comparisons_and_table3(report_dir, small_run):
+    cmp = _tsv(report_dir / "comparisons.tsv")
+    folds = _tsv(small_run / "results/folds.tsv")
+    row = cmp[cmp["metric"] == "accuracy"].iloc[0]
+    a = folds[folds["model"] == row["model_a"]].sort_values(["repeat", "fold"])
+    b = folds[folds["model"] == row["model_b"]].sort_values(["repeat", "fold"])
+    expected = corrected_resampled_ttest(
+        a["accuracy"], b["accuracy"], a["n_train"].mean(), a["n_test"].mean()
+    )
+    assert row["t"] == pytest.approx(expected.t) and row["df"] == 5
+    t3 = _tsv(report_dir / "table3.tsv").set_index("model")
+    assert t3.loc["twoview-18", "parameters"] == count_parameters(build_model("twoview-18", 24))
+    assert t3.loc["twoview-18", "seconds_per_epoch"] > 0
+    md = (report_dir / "table2.md").read_text()
+    assert md.startswith("| model |") and "twoview-18" in md
+
+
+def test_page_is_self_contained(report_dir):
+    page = (report_dir / "index.html").read_text()
+    for tid in ("table2", "table3", "comparisons"):
+        assert f'id="{tid}"' in page
+    assert 'src="http' not in page and "<script" not in page
+    assert page.count("data:image/png;base64,") == 4
+    for name in ("fig4_learning_curves", "roc", "confusion", "subjects"):
+        assert (report_dir / "figures" / f"{name}.png").stat().st_size > 1000
+        assert (report_dir / "figures" / f"{name}.svg").is_file()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
+def test_page_renders_in_headless_chromium(report_dir, tmp_path):
+    url = (report_dir / "index.html").resolve().as_uri()
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for tid in ("table2", "table3", "comparisons"):
+        assert f'id="{tid}"' in dom.stdout
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+    assert "Failed to load resource" not in dom.stderr
+    shot = tmp_path / "page.png"
+    res = subprocess.run(
+        [CHROMIUM, *FLAGS, *profile, "--window-size=1200,2000", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and shot.stat().st_size > 20_000
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.std() > 10  # not a blank page
