@@ -429,6 +429,44 @@ def predict(
         out.print(f"written: {out_dir / 'predictions.tsv'}")
 
 
+@app.command()
+@user_errors
+def segment(
+    flair: Annotated[Path, typer.Option(help="FLAIR NIfTI")],
+    out_path: Annotated[Path, typer.Option("--out", help="lesion mask to write (.nii.gz)")],
+    brain_mask: Annotated[Path | None, typer.Option(help="brain mask NIfTI (recommended)")] = None,
+    low: Annotated[float, typer.Option(help="z threshold of the reconstruction mask")] = 3.0,
+    high: Annotated[float, typer.Option(help="z threshold of the seeds")] = 4.0,
+    min_volume: Annotated[float, typer.Option(help="smallest lesion kept (mm³)")] = 10.0,
+    edge: Annotated[
+        float, typer.Option(help="brain-edge rim whose components are dropped (mm)")
+    ] = 2.0,
+    skull_stripped: Annotated[
+        bool, typer.Option(help="the FLAIR is brain-extracted: its non-zero voxels are the brain")
+    ] = False,
+):
+    """Segment white-matter hyperintensities from a FLAIR (same grid and affine as the input)."""
+    import numpy as np
+
+    from .data import nifti
+    from .segment import WMHParams, segment_wmh
+
+    if out_path.exists():
+        raise NmosdError(f"--out {out_path} exists; it is never overwritten")
+    img = nifti.load(flair, "FLAIR")
+    brain = None
+    if brain_mask is not None:
+        b = nifti.load(brain_mask, "brain mask")
+        nifti.check_same_grid(img, b, "FLAIR", "brain mask")
+        brain = b.data > 0
+    elif skull_stripped:
+        brain = img.data > 0
+    params = WMHParams(low=low, high=high, min_volume_mm3=min_volume, edge_mm=edge)
+    mask = segment_wmh(img.data, img.zooms, brain, params)
+    nifti.save(out_path, mask.astype(np.uint8), img.affine)
+    out.print(f"{int(mask.sum())} voxels ({mask.sum() * img.voxel_ml:.2f} ml) -> {out_path}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,1 @@
+"""Speed benchmarks (not tests): ``python -m benchmarks [--quick]``."""

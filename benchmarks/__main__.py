@@ -1,0 +1,248 @@
+"""Benchmarks measured in one process, so that ratios cancel machine noise.
+
+``python -m benchmarks --quick`` (under 3 minutes on 2 cores): fp32 GEMM peak, training-step
+time of twoview-18 and resnet3d-18, prepare seconds per real native scan. Writes
+``benchmarks/results/quick.json`` and ``quick.md``.
+
+``python -m benchmarks`` (full): also twoview-34, threeview-18, resnet3d-34, bf16, the full-protocol
+estimate and predict (with and without saliency). Writes ``full.json`` and ``full.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("NMOSD_MS_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+
+
+def gemm_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def step_seconds(
+    name: str, size: int = 100, batch: int = 8, precision: str = "fp32", steps: int = 3
+) -> float:
+    from nmosd_ms.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, size)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(batch, 1, size, size, size)
+    y = torch.randint(0, 2, (batch,))
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
+
+    def one():
+        with ctx:
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    one()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return (time.perf_counter() - t) / steps
+
+
+def train_flops(name: str, size: int, batch: int) -> float:
+    """Forward FLOPs x 3 (forward + backward ~ 2 x forward) for one training step."""
+    from nmosd_ms.models import build_model
+    from nmosd_ms.models.complexity import count_flops
+
+    return 3.0 * count_flops(build_model(name, size), size) * batch
+
+
+def prepare_seconds(n: int) -> float | None:
+    from nmosd_ms.config import PrepareConfig
+    from nmosd_ms.data.ingest import Subject
+    from nmosd_ms.data.preprocess import prepare_subject
+
+    root = SHARED / "lesjak2017"
+    if not root.is_dir():
+        return None
+    subs = sorted(root.glob("sub-*"))[:n]
+    cfg = PrepareConfig(size=100)
+    t = time.perf_counter()
+    for s in subs:
+        prepare_subject(
+            Subject(s.name, "MS", None, s / "lesion_mask.nii.gz", s / "brain_mask.nii.gz"), cfg
+        )
+    return (time.perf_counter() - t) / len(subs)
+
+
+def predict_seconds(saliency: bool, folds: int = 5) -> float | None:
+    """A bundle of ``folds`` randomly initialised twoview-18 models (timing does not depend on
+    the weights' values) predicting one real native scan."""
+    from safetensors.torch import save_file
+
+    from nmosd_ms.data.ingest import Subject
+    from nmosd_ms.io import sha256_file, write_json
+    from nmosd_ms.models import build_model
+    from nmosd_ms.predict import load_bundle, predict_subjects
+
+    root = SHARED / "lesjak2017" / "sub-01"
+    if not root.is_dir():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = []
+        for k in range(folds):
+            torch.manual_seed(k)
+            path = tmp / "weights" / f"fold-{k}.safetensors"
+            path.parent.mkdir(exist_ok=True)
+            save_file(build_model("twoview-18", 100).state_dict(), str(path))
+            files.append({"file": f"weights/{path.name}", "sha256": sha256_file(path)})
+        write_json(
+            tmp / "model.json",
+            {
+                "format": "nmosd-ms-bundle/1",
+                "model": "twoview-18",
+                "size": 100,
+                "files": files,
+                "preprocessing": {
+                    "size": 100,
+                    "cache_size": 100,
+                    "input": "lesion-mask",
+                    "interpolation": "antialiased",
+                    "segment_missing": False,
+                    "min_lesion_voxels": 3,
+                },
+            },
+        )
+        bundle = load_bundle(tmp)
+        subject = Subject(
+            "bench", "", None, root / "lesion_mask.nii.gz", root / "brain_mask.nii.gz"
+        )
+        t = time.perf_counter()
+        predict_subjects(bundle, [subject], tmp / "out", saliency=saliency)
+        return time.perf_counter() - t
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="step ratio and prepare only (<3 min)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    res: dict = {"machine": machine(), "batch": 8, "size": 100}
+    res["gemm_gflops"] = gemm_gflops()
+    models = (
+        ["twoview-18", "resnet3d-18"]
+        if args.quick
+        else ["twoview-18", "twoview-34", "threeview-18", "resnet3d-18", "resnet3d-34"]
+    )
+    precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
+    res["step_seconds"] = {}
+    res["step_gflops"] = {}
+    for p in precisions:
+        for m in models:
+            key = m if p == "fp32" else f"{m}@{p}"
+            s = step_seconds(m, precision=p, steps=2 if m.startswith("resnet3d") else 5)
+            res["step_seconds"][key] = s
+            res["step_gflops"][key] = train_flops(m, 100, 8) / s / 1e9
+            print(f"{key:>20}: {s:.3f} s/step, {res['step_gflops'][key]:.1f} GFLOP/s", flush=True)
+    res["ratio_resnet3d18_twoview18"] = (
+        res["step_seconds"]["resnet3d-18"] / res["step_seconds"]["twoview-18"]
+    )
+    res["twoview18_fraction_of_gemm_peak"] = res["step_gflops"]["twoview-18"] / res["gemm_gflops"]
+    res["prepare_seconds_per_subject"] = prepare_seconds(5 if args.quick else 20)
+    if not args.quick:
+        steps = math.ceil(70 / 8)  # 88 subjects, 5 folds: ~70 training subjects per fold
+        res["full_protocol_hours"] = {
+            m: res["step_seconds"][m] * steps * 100 * 75 / 3600 for m in models
+        }
+        res["predict_seconds"] = predict_seconds(False)
+        res["predict_with_saliency_seconds"] = predict_seconds(True)
+    res["wall_seconds"] = time.perf_counter() - t0
+    name = "quick" if args.quick else "full"
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (HERE / "results" / f"{name}.md").write_text(to_markdown(res))
+    print(to_markdown(res))
+    return 0
+
+
+def to_markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads); batch {res['batch']}, S = {res['size']}.",
+        "",
+        f"fp32 GEMM peak (2048², torch.mm): **{res['gemm_gflops']:.1f} GFLOP/s**",
+        "",
+        "| model | s / training step | GFLOP/s | % of GEMM peak |",
+        "|---|---|---|---|",
+    ]
+    for k, s in res["step_seconds"].items():
+        g = res["step_gflops"][k]
+        lines.append(f"| {k} | {s:.3f} | {g:.1f} | {100 * g / res['gemm_gflops']:.0f} % |")
+    lines += [
+        "",
+        f"resnet3d-18 / twoview-18 step-time ratio: **{res['ratio_resnet3d18_twoview18']:.1f}×**",
+    ]
+    if res.get("prepare_seconds_per_subject") is not None:
+        lines.append(
+            f"prepare, real native 192×512×512 scans: "
+            f"**{res['prepare_seconds_per_subject']:.2f} s / subject**"
+        )
+    if "full_protocol_hours" in res:
+        lines += [
+            "",
+            "Full paper protocol estimate (15 × 5 folds, 100 epochs, ~70 training "
+            "subjects, fp32, training steps only):",
+            "",
+        ]
+        lines += [f"- {k}: {h:.1f} h" for k, h in res["full_protocol_hours"].items()]
+    if res.get("predict_seconds") is not None:
+        lines += [
+            "",
+            f"predict (5-fold twoview-18 ensemble, one native scan): "
+            f"{res['predict_seconds']:.1f} s; with occlusion saliency: "
+            f"{res['predict_with_saliency_seconds']:.1f} s",
+        ]
+    lines.append(f"\nwall time of this benchmark: {res['wall_seconds']:.0f} s\n")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""WMH segmentation on real FLAIRs (Lesjak 2017 MNI FLAIRs with consensus masks; raw 2D FLAIRs).
+
+The issue's target is Dice >= 0.55 on both MNI cases; this intensity-only method does not reach
+it (see README, WMH segmentation). These tests guard what it does reach, so that a change that
+makes it worse fails, and print the figures.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import shared_or_skip
+from helpers import assert_user_error, run_cli
+
+from nmosd_ms.data.spatial import to_canonical
+from nmosd_ms.segment import segment_wmh
+
+
+@pytest.mark.parametrize("sub", ["sub-07", "sub-19"])
+def test_dice_against_consensus_on_mni_flair(sub, tmp_path):
+    root = shared_or_skip("lesjak2017", sub)
+    out = tmp_path / "wmh.nii.gz"
+    res = run_cli("segment", "--flair", root / "flair_mni.nii.gz", "--out", out, "--skull-stripped")
+    assert res.exit_code == 0, res.stderr
+    seg = np.asarray(nib.load(out).dataobj) > 0
+    gt = np.asarray(nib.load(root / "lesion_mask_mni.nii.gz").dataobj) > 0
+    dice = 2 * (seg & gt).sum() / (seg.sum() + gt.sum())
+    vol = (seg.sum() / 1000, gt.sum() / 1000)
+    print(f"{sub}: Dice {dice:.3f}; volume {vol[0]:.1f} ml vs consensus {vol[1]:.1f} ml")
+    assert np.allclose(nib.load(out).affine, nib.load(root / "flair_mni.nii.gz").affine)
+    assert dice >= 0.2  # regression guard; the issue's 0.55 target is not met (README)
+
+
+@pytest.mark.parametrize("sub", ["sub-01", "sub-04"])
+def test_raw_2d_flair_with_skull(sub):
+    path = shared_or_skip("lesjak2016", sub, "flair.nii.gz")
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    seg = segment_wmh(data, img.header.get_zooms()[:3])
+    assert seg.shape == data.shape and seg.any()
+    # Inside the head: every detected voxel lies within the head's bounding box in-plane.
+    head = data > np.percentile(data, 60)
+    canon_head, _ = to_canonical(head, img.affine)
+    canon_seg, _ = to_canonical(seg, img.affine)
+    assert (canon_seg & ~np.any(canon_head, axis=2, keepdims=True)).sum() == 0
+    assert canon_seg.sum() < 0.05 * canon_head.sum()
+
+
+def test_segment_refuses_existing_output(tmp_path):
+    (tmp_path / "x.nii.gz").write_text("")
+    assert_user_error(
+        run_cli("segment", "--flair", tmp_path / "f.nii.gz", "--out", tmp_path / "x.nii.gz"),
+        "exists",
+    )
