@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import blob_mask, make_manifest_cohort, save_nifti, truncate_gzip
 from helpers import assert_user_error, run_cli
@@ -130,3 +131,14 @@ def test_load_cohort_refuses_unknown_dataset(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(NmosdError, match="neither a BIDS folder"):
         load_cohort(tmp_path / "x.txt")
+
+
+def test_segment_missing_masks_are_recorded(tmp_path):
+    manifest = make_manifest_cohort(tmp_path)
+    _edit_manifest(manifest, "sub-02/lesion.nii.gz", "")
+    assert_user_error(_prepare(tmp_path, manifest), "no lesion mask", "--segment-missing")
+    result = _prepare(tmp_path, manifest, "--segment-missing")
+    assert result.exit_code == 0, result.stderr
+    index = pd.read_csv(tmp_path / "cache" / "index.tsv", sep="\t")
+    sources = dict(zip(index["participant_id"], index["lesion_source"], strict=True))
+    assert sources["sub-02"] == "segmented" and sources["sub-00"] == "given"

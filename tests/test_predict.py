@@ -100,3 +100,28 @@ def test_predict_bad_inputs(bundle_dir, tmp_path):
         run_cli("predict", bundle_dir, "--lesion-mask", tmp_path / "no.nii.gz"), "not found"
     )
     assert_user_error(run_cli("predict", tmp_path, "--lesion-mask", tmp_path), "not found")
+
+
+def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path):
+    res = run_cli(
+        "fit",
+        prepared_small,
+        "--model",
+        "twoview-18",
+        "--out",
+        tmp_path / "m",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
+    assert res.exit_code == 0, res.stderr
+    info = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert len(info["files"]) == 1 and "whole cohort" in info["training"]["kind"]
+    assert "not estimated" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    subject = load_bids(phantom_cohort).subjects[0]
+    df = predict_subjects(load_bundle(tmp_path / "m"), [subject])
+    assert 0 <= df["prob_nmosd"].iloc[0] <= 1
+    assert_user_error(
+        run_cli("fit", prepared_small, "--model", "twoview-18", "--out", tmp_path / "m"), "exists"
+    )

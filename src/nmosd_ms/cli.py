@@ -7,7 +7,6 @@ Only argument handling lives here; each verb calls one library function. User er
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -183,8 +182,8 @@ def cv(
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option()] = 0.01,
-    momentum: Annotated[float, typer.Option()] = 0.9,
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (paper: plain SGD)")] = 0.0,
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
     shift: Annotated[int, typer.Option(min=0, help="max random shift (voxels)")] = 5,
     flip: Annotated[bool, typer.Option(help="random left-right flips")] = True,
     class_weights: Annotated[bool, typer.Option(help="inverse-frequency loss weights")] = False,
@@ -468,13 +467,8 @@ def segment(
 
 
 def main() -> None:
-    try:
-        app()
-    except SystemExit:
-        raise
-    except BaseException:  # pragma: no cover - last resort so users never see a bare crash
-        raise
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -203,7 +203,7 @@ def train_torch_fold(
             "test_loss": math.nan,
             "test_accuracy": math.nan,
         }
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        if len(test_idx) and (epoch % config.eval_every == 0 or epoch == config.epochs):
             recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
             row["test_loss"], row["test_accuracy"] = _loss_acc(
                 model, volumes[test_idx], labels[test_idx], dev, config.precision
