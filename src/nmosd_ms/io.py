@@ -38,6 +38,34 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``dest``; move it onto ``dest`` if the block succeeds.
+
+    With ``replace`` an existing ``dest`` is swapped out only after the new folder is complete;
+    without it an existing ``dest`` is an error (outputs are never overwritten).
+    """
+    import shutil
+
+    dest = Path(dest)
+    if dest.exists() and not replace:
+        raise FileExistsError(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.parent / f".{dest.name}-old-{tmp.name}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)

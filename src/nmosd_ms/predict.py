@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .config import PrepareConfig, TrainConfig
 from .data.ingest import Subject
 from .data.preprocess import PreparedSubject, load_prepared, prepare_subject
 from .errors import NmosdError
-from .io import read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
+from .io import atomic_dir, read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
 from .models import get_spec
 from .models.weights import load_model_file
 
@@ -91,10 +90,7 @@ def export_bundle(
     cache_params = run.meta["options"]["prepare"]
     size = int(run.meta["models"][model]["size"])
     t2 = table2(run).set_index("model").loc[model]
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None)
-    )
-    try:
+    with atomic_dir(out) as tmp:
         files = []
         for _, row in folds.sort_values(["repeat", "fold"]).iterrows():
             src = (
@@ -139,10 +135,6 @@ def export_bundle(
             source=str(run_dir.resolve()),
         )
         _write_bundle(tmp, info)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -242,10 +234,7 @@ def fit_bundle(
     vols = torch.from_numpy(cohort.volumes[:, None])
     idx = np.arange(len(cohort.ids))
     res = train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None)
-    )
-    try:
+    with atomic_dir(out) as tmp:
         wpath = tmp / "weights" / "full.safetensors"
         with atomic_path(wpath, suffix=".safetensors") as t:
             save_file(res.state_dict, str(t), metadata={"model": model})
@@ -279,10 +268,6 @@ def fit_bundle(
             source=str(Path(cache_dir).resolve()),
         )
         _write_bundle(tmp, info)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from .. import __version__
-from ..io import write_json, write_text, write_tsv
+from ..io import atomic_dir, write_json, write_text, write_tsv
 from . import figures
 from .tables import (
     chance_level,
@@ -54,21 +52,9 @@ def _img(path: Path) -> str:
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report/`` and return the path of ``index.html``."""
     run = load_run(run_dir)
-    root = Path(run_dir)
-    final = root / "report"
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=root))
-    try:
+    final = Path(run_dir) / "report"
+    with atomic_dir(final, replace=True) as tmp:
         _write(run, tmp)
-        if final.exists():
-            old = root / f".report-old-{tmp.name}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final / "index.html"
 
 
