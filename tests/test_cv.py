@@ -187,3 +187,29 @@ def test_learnable_task_is_learned(tmp_path):
     folds = _tsv(tmp_path / "run/results/folds.tsv")
     assert folds.accuracy.mean() >= 0.9, folds.accuracy.tolist()
     assert np.isfinite(folds.train_seconds).all()
+
+
+def test_pretrained_and_scratch_variants_share_a_run(prepared_small, tmp_path, monkeypatch):
+    """``twoview-18@imagenet`` next to ``twoview-18``: the paper's comparison on one split."""
+    import torch
+
+    from nmosd_ms.models import weights as W
+    from nmosd_ms.models.networks import resnet_backbone
+
+    ref = resnet_backbone(18, 2, 3)
+    ref.fc = torch.nn.Linear(512, 1000)
+    path = tmp_path / "hub" / "checkpoints" / "resnet18-test.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setitem(W.IMAGENET, 18, W.WeightsSpec(f"https://x.invalid/{path.name}",
+                                                      W._sha256(path)[:8]))
+    cfg = _cfg(models=("twoview-18", "twoview-18@imagenet"), repeats=1)
+    meta = run_cv(prepared_small, tmp_path / "run", cfg, device="cpu", threads=1)
+    assert meta["models"]["twoview-18@imagenet"]["weights"] == "imagenet"
+    assert meta["models"]["twoview-18"]["weights"] == "none"
+    folds = _tsv(tmp_path / "run/results/folds.tsv")
+    assert set(folds["model"]) == {"twoview-18", "twoview-18@imagenet"} and len(folds) == 6
+    result = run_cli("cv", prepared_small, "--out", tmp_path / "r2", "--models",
+                     "resnet3d-18@imagenet")
+    assert_user_error(result, "only for the 2D backbones")

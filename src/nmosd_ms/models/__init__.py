@@ -5,6 +5,6 @@ and classical lesion-load baselines.
 >>> net = build_model("twoview-18", size=100)           # nn.Module: (B,1,S,S,S) -> (B,2)
 """
 
-from .registry import MODELS, ModelSpec, build_model, get_spec, list_models
+from .registry import MODELS, ModelSpec, build_model, get_spec, list_models, model_weights
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "list_models"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "list_models", "model_weights"]

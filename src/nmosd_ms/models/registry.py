@@ -131,11 +131,29 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def parse_name(name: str) -> tuple[str, str | None]:
+    """``twoview-18@imagenet`` -> (``twoview-18``, ``imagenet``): a registered model with its own
+    weights, so that pretrained and from-scratch variants share one run (the paper's comparison)."""
+    base, sep, weights = name.partition("@")
+    if sep and weights not in ("imagenet", "none"):
+        raise NmosdError(f"model '{name}': only @imagenet or @none may follow a model name")
+    return base, (weights if sep else None)
+
+
 def get_spec(name: str) -> ModelSpec:
+    base, weights = parse_name(name)
     try:
-        return MODELS[name]
+        spec = MODELS[base]
     except KeyError:
-        raise NmosdError(f"unknown model '{name}' (known: {', '.join(MODELS)})") from None
+        raise NmosdError(f"unknown model '{base}' (known: {', '.join(MODELS)})") from None
+    if weights == "imagenet" and spec.family != "multiview":
+        raise NmosdError(f"model '{name}': ImageNet weights exist only for the 2D backbones")
+    return spec
+
+
+def model_weights(name: str, default: str = "none") -> str:
+    """The weights a (possibly suffixed) model name asks for, else ``default``."""
+    return parse_name(name)[1] or default
 
 
 def build_model(name: str, size: int = 100, weights: str = "none"):

@@ -42,7 +42,7 @@ from ..data.spatial import resize
 from ..errors import NmosdError
 from ..evaluation.metrics import METRICS, binary_metrics
 from ..io import atomic_path, read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
-from ..models import get_spec
+from ..models import get_spec, model_weights
 from ..models.complexity import count_flops, count_parameters
 from .loop import FoldOutput, resolve_device, train_sklearn_fold, train_torch_fold
 
@@ -145,23 +145,32 @@ def run_fold_task(
     train: TrainConfig,
     device: str,
     threads: int,
+    on_epoch=None,
 ) -> FoldOutput:
     """Train and evaluate one fold (the unit of work for every executor)."""
     previous = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        return _run_fold(task, volumes, labels, features, train, device)
+        return _run_fold(task, volumes, labels, features, train, device, on_epoch)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_fold(task, volumes, labels, features, train, device) -> FoldOutput:
+def _run_fold(task, volumes, labels, features, train, device, on_epoch=None) -> FoldOutput:
     if get_spec(task.model).is_torch:
         torch.use_deterministic_algorithms(True, warn_only=True)
         vols = torch.from_numpy(np.ascontiguousarray(volumes))
         return train_torch_fold(
-            task.model, vols, labels, task.train_idx, task.test_idx, train, task.seed, device
+            task.model,
+            vols,
+            labels,
+            task.train_idx,
+            task.test_idx,
+            train,
+            task.seed,
+            device,
+            on_epoch,
         )
     return train_sklearn_fold(
         task.model, features, labels, task.train_idx, task.test_idx, task.seed
@@ -309,11 +318,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _model_info(name: str, size: int) -> dict:
+def _model_info(name: str, size: int, default_weights: str) -> dict:
     spec = get_spec(name)
     info = {
         "family": spec.family,
         "size": size if spec.is_torch else None,
+        "weights": model_weights(name, default_weights) if spec.is_torch else None,
         "description": spec.description,
     }
     if spec.is_torch:
@@ -405,7 +415,7 @@ def run_cv(
         models_info, started = {}, _now()
     for m in config.models:
         if m not in models_info:
-            models_info[m] = _model_info(m, sizes[m])
+            models_info[m] = _model_info(m, sizes[m], config.train.weights)
     all_models = list(models_info)
 
     plan = plan_splits(cohort.labels, config.folds, config.repeats, config.seed)
@@ -480,7 +490,15 @@ def run_cv(
     if executor == "local":
         for t in todo:
             vols = volumes.get(t.size, empty)
-            finish(t, run_fold_task(t, vols, labels, features, config.train, str(dev), threads))
+
+            def on_epoch(epoch: int, epochs: int, t=t) -> None:
+                if progress:
+                    progress(done, total, f"{t.model} r{t.repeat} f{t.fold} epoch {epoch}/{epochs}")
+
+            out = run_fold_task(
+                t, vols, labels, features, config.train, str(dev), threads, on_epoch
+            )
+            finish(t, out)
     else:
         per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
         _run_dask(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from ..config import TrainConfig
-from ..models import get_spec
+from ..models import get_spec, model_weights
 from .augment import shift_flip
 
 EpochCallback = Callable[[int, int], None]
@@ -135,7 +135,8 @@ def train_torch_fold(
     np_rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     size = int(volumes.shape[-1])
-    model = get_spec(model_name).build(size=size, weights=config.weights).to(dev)
+    weights = model_weights(model_name, config.weights)
+    model = get_spec(model_name).build(size=size, weights=weights).to(dev)
 
     fit_idx, val_idx = np.asarray(train_idx), np.zeros(0, dtype=int)
     if config.inner_val > 0:
