@@ -202,14 +202,16 @@ def test_pretrained_and_scratch_variants_share_a_run(prepared_small, tmp_path, m
     path.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), path)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setitem(W.IMAGENET, 18, W.WeightsSpec(f"https://x.invalid/{path.name}",
-                                                      W._sha256(path)[:8]))
+    monkeypatch.setitem(
+        W.IMAGENET, 18, W.WeightsSpec(f"https://x.invalid/{path.name}", W._sha256(path)[:8])
+    )
     cfg = _cfg(models=("twoview-18", "twoview-18@imagenet"), repeats=1)
     meta = run_cv(prepared_small, tmp_path / "run", cfg, device="cpu", threads=1)
     assert meta["models"]["twoview-18@imagenet"]["weights"] == "imagenet"
     assert meta["models"]["twoview-18"]["weights"] == "none"
     folds = _tsv(tmp_path / "run/results/folds.tsv")
     assert set(folds["model"]) == {"twoview-18", "twoview-18@imagenet"} and len(folds) == 6
-    result = run_cli("cv", prepared_small, "--out", tmp_path / "r2", "--models",
-                     "resnet3d-18@imagenet")
+    result = run_cli(
+        "cv", prepared_small, "--out", tmp_path / "r2", "--models", "resnet3d-18@imagenet"
+    )
     assert_user_error(result, "only for the 2D backbones")
