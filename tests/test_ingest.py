@@ -142,3 +142,13 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     index = pd.read_csv(tmp_path / "cache" / "index.tsv", sep="\t")
     sources = dict(zip(index["participant_id"], index["lesion_source"], strict=True))
     assert sources["sub-02"] == "segmented" and sources["sub-00"] == "given"
+
+
+@pytest.mark.parametrize(
+    "verb",
+    ["phantom", "segment", "prepare", "models", "cv", "report", "export", "fit", "predict",
+     "demo"],
+)
+def test_every_verb_has_help(verb):
+    result = run_cli(verb, "--help")
+    assert result.exit_code == 0 and "Usage" in result.stdout

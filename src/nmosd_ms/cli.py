@@ -466,6 +466,22 @@ def segment(
     out.print(f"{int(mask.sum())} voxels ({mask.sum() * img.voxel_ml:.2f} ml) -> {out_path}")
 
 
+#: ``--help`` lists the verbs in the order of the workflow, not of their definitions.
+WORKFLOW_ORDER = [
+    "phantom",
+    "segment",
+    "prepare",
+    "models",
+    "cv",
+    "report",
+    "export",
+    "fit",
+    "predict",
+    "demo",
+]
+app.registered_commands.sort(key=lambda c: WORKFLOW_ORDER.index(c.callback.__name__))
+
+
 def main() -> None:
     app()
 
