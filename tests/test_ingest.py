@@ -146,8 +146,7 @@ def test_segment_missing_masks_are_recorded(tmp_path):
 
 @pytest.mark.parametrize(
     "verb",
-    ["phantom", "segment", "prepare", "models", "cv", "report", "export", "fit", "predict",
-     "demo"],
+    ["phantom", "segment", "prepare", "models", "cv", "report", "export", "fit", "predict", "demo"],
 )
 def test_every_verb_has_help(verb):
     result = run_cli(verb, "--help")
