@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from ..config import TrainConfig
 from ..models import get_spec, model_weights
-from .augment import shift_flip
+from .augment import augmented_batch
 
 EpochCallback = Callable[[int, int], None]
 
@@ -135,6 +135,8 @@ def train_torch_fold(
     np_rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     size = int(volumes.shape[-1])
+    if dev.type == "cuda":  # the cohort is small: keep it on the device, augment there
+        volumes = volumes.to(dev)
     weights = model_weights(model_name, config.weights)
     model = get_spec(model_name).build(size=size, weights=weights).to(dev)
 
@@ -177,9 +179,8 @@ def train_torch_fold(
         lr = opt.param_groups[0]["lr"]
         total_loss, correct, seen = 0.0, 0, 0
         for bidx in batches:
-            xb = volumes[bidx].to(dev, non_blocking=True)
+            xb = augmented_batch(volumes, bidx, config.shift, config.flip, gen).to(dev)
             yb = y_all[bidx].to(dev)
-            xb = shift_flip(xb, config.shift, config.flip, gen)
             with _autocast(dev, config.precision):
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, weight=weight)
