@@ -125,3 +125,17 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
     assert_user_error(
         run_cli("fit", prepared_small, "--model", "twoview-18", "--out", tmp_path / "m"), "exists"
     )
+
+
+def test_flair_alone_is_segmented_then_predicted(bundle_dir, phantom_cohort, tmp_path):
+    flair = next(phantom_cohort.glob("sub-*/anat/*_FLAIR.nii.gz"))
+    res = run_cli(
+        "predict", bundle_dir, "--flair", flair, "--participant-id", "p1", "--out", tmp_path / "o"
+    )
+    assert res.exit_code == 0, res.stderr
+    pred = pd.read_csv(tmp_path / "o" / "predictions.tsv", sep="\t")
+    assert pred.loc[0, "participant_id"] == "p1" and pred.loc[0, "lesion_source"] == "segmented"
+    assert_user_error(
+        run_cli("predict", bundle_dir, "--flair", flair, "--out", tmp_path / "o"),
+        "already holds predictions",
+    )

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from monai.visualize import OcclusionSensitivity  # noqa: E402
 
 from .data import nifti  # noqa: E402
-from .data.spatial import from_canonical, to_canonical, to_native  # noqa: E402
+from .data.spatial import to_canonical, to_native  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 
@@ -105,4 +105,4 @@ def _montage(path: Path, subject, prepared, sal_native: np.ndarray, affine: np.n
     plt.close(fig)
 
 
-__all__ = ["occlusion_map", "save_saliency", "from_canonical"]
+__all__ = ["occlusion_map", "save_saliency"]

@@ -27,7 +27,7 @@ from .config import PrepareConfig, TrainConfig
 from .data.ingest import Subject
 from .data.preprocess import PreparedSubject, load_prepared, prepare_subject
 from .errors import NmosdError
-from .io import atomic_dir, read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
+from .io import atomic_dir, read_json, sha256_file, write_json, write_text, write_tsv
 from .models import get_spec
 from .models.weights import load_model_file
 
@@ -277,13 +277,6 @@ class Bundle:
     info: dict
     models: list[torch.nn.Module]
 
-    @property
-    def prepare_config(self) -> PrepareConfig:
-        p = dict(self.info["preprocessing"])
-        p.pop("cache_size", None)
-        p["size"] = int(p["size"])
-        return PrepareConfig(**p)
-
 
 def load_bundle(model_dir: str | Path) -> Bundle:
     folder = Path(model_dir)
@@ -314,7 +307,10 @@ def prepare_for_bundle(bundle: Bundle, subject: Subject) -> PreparedSubject:
     """Exactly the bundle's preprocessing (at the cache size, then the model size if smaller)."""
     p = dict(bundle.info["preprocessing"])
     cache_size, size = int(p.pop("cache_size")), int(p["size"])
-    prep = prepare_subject(subject, PrepareConfig(**{**p, "size": cache_size}))
+    # A FLAIR without a lesion mask is segmented (nmosd_ms.segment), as prepare --segment-missing.
+    prep = prepare_subject(
+        subject, PrepareConfig(**{**p, "size": cache_size, "segment_missing": True})
+    )
     if size != cache_size:
         from .data.spatial import resize
 
@@ -383,6 +379,7 @@ def predict_subjects(
                 "participant_id": s.participant_id,
                 "prob_nmosd": mean,
                 "predicted": "NMOSD" if mean >= 0.5 else "MS",
+                "lesion_source": prep.row["lesion_source"],
                 "fold_spread": float(probs.std(ddof=1)) if len(probs) > 1 else math.nan,
                 "fold_min": float(probs.min()),
                 "fold_max": float(probs.max()),
@@ -418,7 +415,3 @@ def predict_subjects(
             for s, prep in zip(subjects, prepared, strict=True):
                 save_saliency(out, s, prep, maps[s.participant_id])
     return df
-
-
-def cv_predictions(run_dir: str | Path) -> pd.DataFrame:
-    return read_tsv(Path(run_dir) / "results" / "predictions.tsv")
