@@ -139,3 +139,20 @@ def test_flair_alone_is_segmented_then_predicted(bundle_dir, phantom_cohort, tmp
         run_cli("predict", bundle_dir, "--flair", flair, "--out", tmp_path / "o"),
         "already holds predictions",
     )
+
+
+def test_predict_manifest(bundle_dir, phantom_cohort, tmp_path):
+    subjects = load_bids(phantom_cohort).subjects[:2]
+    rows = ["participant_id\tlesion_mask"] + [
+        f"{s.participant_id}\t{s.lesion_mask}" for s in subjects
+    ]
+    manifest = tmp_path / "new.tsv"
+    manifest.write_text("\n".join(rows) + "\n")
+    res = run_cli("predict", bundle_dir, "--manifest", manifest, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.stderr
+    pred = pd.read_csv(tmp_path / "o" / "predictions.tsv", sep="\t")
+    assert pred["participant_id"].tolist() == [s.participant_id for s in subjects]
+    manifest.write_text("\n".join(rows + [rows[1]]) + "\n")
+    assert_user_error(run_cli("predict", bundle_dir, "--manifest", manifest), "duplicate")
+    manifest.write_text("participant_id\tage\nx\t3\n")
+    assert_user_error(run_cli("predict", bundle_dir, "--manifest", manifest), "lesion_mask")

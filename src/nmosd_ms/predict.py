@@ -24,7 +24,7 @@ import torch
 
 from . import LABELS, __version__
 from .config import PrepareConfig, TrainConfig
-from .data.ingest import Subject
+from .data.ingest import Subject, load_manifest
 from .data.preprocess import PreparedSubject, load_prepared, prepare_subject
 from .errors import NmosdError
 from .io import atomic_dir, read_json, sha256_file, write_json, write_text, write_tsv
@@ -325,39 +325,8 @@ def ensemble_probabilities(bundle: Bundle, volume: np.ndarray) -> np.ndarray:
 
 
 def subjects_from_manifest(path: str | Path) -> list[Subject]:
-    """Prediction manifest: participant_id, lesion_mask[, flair, brain_mask] (no labels)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NmosdError(f"manifest not found: {path}")
-    sep = "," if path.suffix.lower() == ".csv" else "\t"
-    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    if "participant_id" not in df.columns or not ({"lesion_mask", "flair"} & set(df.columns)):
-        raise NmosdError(f"{path}: needs participant_id and lesion_mask (or flair) columns")
-    if df["participant_id"].duplicated().any():
-        dup = sorted(set(df.loc[df["participant_id"].duplicated(), "participant_id"]))
-        raise NmosdError(f"{path}: duplicate participant_id {', '.join(dup)}")
-    out = []
-    for _, r in df.iterrows():
-
-        def opt(col, r=r):
-            cell = str(r.get(col, "") or "").strip()
-            if not cell:
-                return None
-            p = (path.parent / cell).resolve()
-            if not p.is_file():
-                raise NmosdError(f"participant {r['participant_id']}: {col} not found: {p}")
-            return p
-
-        out.append(
-            Subject(
-                str(r["participant_id"]).strip(),
-                "",
-                opt("flair"),
-                opt("lesion_mask"),
-                opt("brain_mask"),
-            )
-        )
-    return out
+    """Prediction manifest: participant_id, lesion_mask and/or flair[, brain_mask] (no labels)."""
+    return list(load_manifest(path, labelled=False).subjects)
 
 
 def predict_subjects(

@@ -87,23 +87,28 @@ def _existing(path: Path, what: str, pid: str) -> Path:
     return path
 
 
-def load_manifest(path: str | Path) -> Cohort:
+def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
     """Read a ``.tsv``/``.csv`` manifest: participant_id, diagnosis, flair, lesion_mask[, brain_mask].
 
     Paths are relative to the manifest. An empty ``flair`` cell means mask-only data; an empty
     ``lesion_mask`` cell is only usable with WMH segmentation (``prepare --segment-missing``).
+    With ``labelled=False`` (new patients to predict) there is no diagnosis column, and either
+    image column may be absent; subjects get an empty diagnosis.
     """
     path = Path(path)
     if not path.is_file():
         raise NmosdError(f"manifest not found: {path}")
     df = _read_table(path)
-    _require_columns(df, ["participant_id", "diagnosis", "flair", "lesion_mask"], path)
+    if labelled:
+        _require_columns(df, ["participant_id", "diagnosis", "flair", "lesion_mask"], path)
+    elif "participant_id" not in df.columns or not {"lesion_mask", "flair"} & set(df.columns):
+        raise NmosdError(f"{path}: needs participant_id and lesion_mask (or flair) columns")
     ids = [str(v).strip() for v in df["participant_id"]]
     _check_ids(ids, path)
     base = path.parent
     subjects = []
     for pid, (_, row) in zip(ids, df.iterrows(), strict=True):
-        label = normalise_label(row["diagnosis"], pid, "diagnosis")
+        label = normalise_label(row["diagnosis"], pid, "diagnosis") if labelled else ""
 
         def opt(col: str, what: str, pid: str = pid, row=row) -> Path | None:
             cell = str(row.get(col, "") or "").strip()
