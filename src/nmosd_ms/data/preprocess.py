@@ -195,16 +195,9 @@ def prepare(
     def work(s: Subject) -> tuple[str, PreparedSubject]:
         return s.participant_id, prepare_subject(s, config)
 
-    if workers > 1 and len(todo) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for pid, res in pool.map(work, todo):
-                results[pid] = res
-                done += 1
-                if progress:
-                    progress(done, len(cohort))
-    else:
-        for s in todo:
-            pid, res = work(s)
+    # Threads suffice: gzip, numpy and torch release the GIL. One worker runs in order.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for pid, res in pool.map(work, todo):
             results[pid] = res
             done += 1
             if progress:
