@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -164,8 +163,3 @@ def to_native(volume: np.ndarray, record: SpatialRecord) -> tuple[np.ndarray, np
     native = from_canonical(canon, record.affine)
     assert native.shape == tuple(record.source_shape)
     return np.ascontiguousarray(native), record.affine
-
-
-def native_image(volume: np.ndarray, record: SpatialRecord) -> nib.Nifti1Image:
-    data, affine = to_native(volume, record)
-    return nib.Nifti1Image(data.astype(np.float32), affine)
