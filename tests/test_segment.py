@@ -1,8 +1,8 @@
 """WMH segmentation on real FLAIRs (Lesjak 2017 MNI FLAIRs with consensus masks; raw 2D FLAIRs).
 
-The issue's target is Dice >= 0.55 on both MNI cases; this intensity-only method does not reach
-it (see README, WMH segmentation). These tests guard what it does reach, so that a change that
-makes it worse fails, and print the figures.
+The issue's target is Dice >= 0.55 on both MNI cases; sub-19 reaches it, sub-07 (1.3 ml of small
+lesions) does not (see README, WMH segmentation). These tests guard what the method reaches, so
+that a change that makes it worse fails, and print the figures.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from nmosd_ms.data.spatial import to_canonical
 from nmosd_ms.segment import segment_wmh
 
 
-@pytest.mark.parametrize("sub", ["sub-07", "sub-19"])
-def test_dice_against_consensus_on_mni_flair(sub, tmp_path):
+@pytest.mark.parametrize(("sub", "floor"), [("sub-07", 0.35), ("sub-19", 0.55)])
+def test_dice_against_consensus_on_mni_flair(sub, floor, tmp_path):
     root = shared_or_skip("lesjak2017", sub)
     out = tmp_path / "wmh.nii.gz"
     res = run_cli("segment", "--flair", root / "flair_mni.nii.gz", "--out", out, "--skull-stripped")
@@ -29,7 +29,7 @@ def test_dice_against_consensus_on_mni_flair(sub, tmp_path):
     vol = (seg.sum() / 1000, gt.sum() / 1000)
     print(f"{sub}: Dice {dice:.3f}; volume {vol[0]:.1f} ml vs consensus {vol[1]:.1f} ml")
     assert np.allclose(nib.load(out).affine, nib.load(root / "flair_mni.nii.gz").affine)
-    assert dice >= 0.2  # regression guard; the issue's 0.55 target is not met (README)
+    assert dice >= floor  # measured 0.41 / 0.64; the 0.55 target is not met on sub-07 (README)
 
 
 @pytest.mark.parametrize("sub", ["sub-01", "sub-04"])

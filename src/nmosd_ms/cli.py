@@ -434,8 +434,12 @@ def segment(
     flair: Annotated[Path, typer.Option(help="FLAIR NIfTI")],
     out_path: Annotated[Path, typer.Option("--out", help="lesion mask to write (.nii.gz)")],
     brain_mask: Annotated[Path | None, typer.Option(help="brain mask NIfTI (recommended)")] = None,
-    low: Annotated[float, typer.Option(help="z threshold of the reconstruction mask")] = 3.0,
-    high: Annotated[float, typer.Option(help="z threshold of the seeds")] = 4.0,
+    low: Annotated[float, typer.Option(help="local-contrast z the seeds grow through")] = 2.5,
+    high: Annotated[float, typer.Option(help="local-contrast z of the seeds")] = 3.5,
+    background: Annotated[
+        float, typer.Option(help="Gaussian σ of the local tissue background (mm)")
+    ] = 8.0,
+    csf_margin: Annotated[float, typer.Option(help="seeds at least this far from CSF (mm)")] = 2.5,
     min_volume: Annotated[float, typer.Option(help="smallest lesion kept (mm³)")] = 10.0,
     edge: Annotated[
         float, typer.Option(help="brain-edge rim whose components are dropped (mm)")
@@ -460,7 +464,16 @@ def segment(
         brain = b.data > 0
     elif skull_stripped:
         brain = img.data > 0
-    params = WMHParams(low=low, high=high, min_volume_mm3=min_volume, edge_mm=edge)
+    if not (0 < low <= high and background > 0 and csf_margin >= 0 and min_volume >= 0):
+        raise NmosdError("need 0 < --low <= --high, --background > 0, --csf-margin >= 0")
+    params = WMHParams(
+        low=low,
+        high=high,
+        min_volume_mm3=min_volume,
+        edge_mm=edge,
+        background_mm=background,
+        csf_margin_mm=csf_margin,
+    )
     mask = segment_wmh(img.data, img.zooms, brain, params)
     nifti.save(out_path, mask.astype(np.uint8), img.affine)
     out.print(f"{int(mask.sum())} voxels ({mask.sum() * img.voxel_ml:.2f} ml) -> {out_path}")
