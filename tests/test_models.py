@@ -14,7 +14,7 @@ from nmosd_ms.errors import NmosdError
 from nmosd_ms.models import MODELS, build_model
 from nmosd_ms.models import weights as W
 from nmosd_ms.models.complexity import count_flops, count_parameters
-from nmosd_ms.models.networks import resnet_backbone
+from nmosd_ms.models.networks import CentreTapConv2d, MultiViewNet, resnet_backbone
 
 TORCH_MODELS = [n for n, s in MODELS.items() if s.is_torch]
 
@@ -112,6 +112,29 @@ def test_torchvision_state_dict_loads_strictly_and_matches_reference(depth, laye
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(backbone(x), ref.features(x))
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+def test_centre_tap_backbone_equals_the_plain_one(depth):
+    """The two-view backbone's 3×3 convolutions on 1×1 maps use only their centre tap; outputs
+    and every gradient match the plain MONAI backbone holding the same weights."""
+    net = MultiViewNet(100, depth=depth)
+    fast = net.backbone.train()
+    assert sum(isinstance(m, CentreTapConv2d) for m in fast.modules()) >= 12
+    plain = resnet_backbone(depth, 2, 64).train()
+    plain.load_state_dict(fast.state_dict(), strict=True)
+    x = torch.randn(4, 64, 32, 32)  # what the views give at S = 100: layer4 runs at 1×1
+    out_fast, out_plain = fast(x), plain(x)
+
+    def rel(a, b):  # float32 summation order differs; anything else would be O(1)
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    assert rel(out_fast, out_plain) < 1e-4
+    out_fast.square().sum().backward()
+    out_plain.square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in fast.named_parameters():
+        assert rel(p.grad, grads[name].grad) < 1e-4, name
 
 
 def test_conv1_adaptation_to_64_channels():
