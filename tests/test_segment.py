@@ -17,7 +17,7 @@ from nmosd_ms.data.spatial import to_canonical
 from nmosd_ms.segment import segment_wmh
 
 
-@pytest.mark.parametrize(("sub", "floor"), [("sub-07", 0.35), ("sub-19", 0.55)])
+@pytest.mark.parametrize(("sub", "floor"), [("sub-07", 0.38), ("sub-19", 0.7)])
 def test_dice_against_consensus_on_mni_flair(sub, floor, tmp_path):
     root = shared_or_skip("lesjak2017", sub)
     out = tmp_path / "wmh.nii.gz"
@@ -29,7 +29,7 @@ def test_dice_against_consensus_on_mni_flair(sub, floor, tmp_path):
     vol = (seg.sum() / 1000, gt.sum() / 1000)
     print(f"{sub}: Dice {dice:.3f}; volume {vol[0]:.1f} ml vs consensus {vol[1]:.1f} ml")
     assert np.allclose(nib.load(out).affine, nib.load(root / "flair_mni.nii.gz").affine)
-    assert dice >= floor  # measured 0.41 / 0.64; the 0.55 target is not met on sub-07 (README)
+    assert dice >= floor  # measured 0.43 / 0.79; the 0.55 target is not met on sub-07 (README)
 
 
 @pytest.mark.parametrize("sub", ["sub-01", "sub-04"])
