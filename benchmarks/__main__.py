@@ -51,6 +51,8 @@ def step_seconds(
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(batch, 1, size, size, size)
+    if precision == "bf16":  # as in training: the cohort is held in the autocast dtype
+        x = x.to(torch.bfloat16)
     y = torch.randint(0, 2, (batch,))
     ctx = (
         torch.autocast("cpu", dtype=torch.bfloat16)
@@ -73,6 +75,16 @@ def step_seconds(
         one()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def one_thread_step_seconds(name: str, precision: str) -> float:
+    """Step time on one torch thread: the unit of ``cv --executor dask --threads 1``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return step_seconds(name, precision=precision, steps=7)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def train_flops(name: str, size: int, batch: int) -> float:
@@ -205,6 +217,12 @@ def main(argv=None) -> int:
         res["full_protocol_hours"] = {
             m: res["step_seconds"][m] * steps * 100 * 75 / 3600 for m in models
         }
+        # The fastest way on 2 cores: two Dask workers of one thread each, bf16.
+        one = one_thread_step_seconds("twoview-18", "bf16")
+        res["step_seconds_one_thread"] = {"twoview-18@bf16": one}
+        res["full_protocol_minutes_two_workers_bf16"] = {
+            "twoview-18": one * steps * 100 * 75 / (os.cpu_count() or 1) / 60
+        }
         res["predict_seconds"] = predict_seconds(False)
         res["predict_with_saliency_seconds"] = predict_seconds(True)
     res["wall_seconds"] = time.perf_counter() - t0
@@ -247,6 +265,15 @@ def to_markdown(res: dict) -> str:
             "",
         ]
         lines += [f"- {k}: {h:.1f} h" for k, h in res["full_protocol_hours"].items()]
+    if "full_protocol_minutes_two_workers_bf16" in res:
+        one = res["step_seconds_one_thread"]["twoview-18@bf16"]
+        mins = res["full_protocol_minutes_two_workers_bf16"]["twoview-18"]
+        lines += [
+            "",
+            f"twoview-18, bf16, one thread: {one:.3f} s / step; full protocol with one Dask "
+            f"worker of one thread per core (`cv --executor dask --threads 1 --precision bf16`), "
+            f"training steps only, no contention between workers: **{mins:.0f} min**",
+        ]
     if res.get("predict_seconds") is not None:
         lines += [
             "",
