@@ -7,9 +7,11 @@ paper's commercial tool uses (Shi et al. 2013): local contrast, seeds, reconstru
 2. Tissue level: the mode of the smoothed intensity histogram inside the brain (normal-appearing
    tissue). Voxels darker than ``csf_fraction`` × mode are CSF (ventricles, sulci).
 3. Local contrast: the background is a Gaussian average (``background_mm``) of the voxels
-   brighter than ``background_fraction`` × mode only, re-estimated three times without the voxels that stand out from it, so lesions, CSF and
-   residual bias field do not shift it. z = (I − background) / (1.4826 × MAD of the residual).
-4. Candidates: hysteresis (binary reconstruction) — seeds z ≥ ``high`` at least ``csf_margin_mm``
+   brighter than ``background_fraction`` × mode only, re-estimated three times without the
+   voxels that stand out from it, so lesions, CSF and residual bias field do not shift it.
+   z = (I − background) / (1.4826 × MAD of the residual).
+4. Candidates: hysteresis (binary reconstruction by dilation, scipy's
+   ``binary_propagation``) — seeds z ≥ ``high`` at least ``csf_margin_mm``
    from CSF, grown through z ≥ ``low`` tissue. The margin keeps the bright cortical ribbon along
    the sulci and the ependyma along the ventricles from seeding; periventricular lesions still
    grow up to the ventricle wall from a seed in the white matter.
@@ -87,6 +89,8 @@ def local_contrast(
         den = ndimage.gaussian_filter(weight, sigma)
         residual = flair - num / np.maximum(den, 1e-3)
         r = residual[weight > 0]
+        if r.size == 0:  # nothing brighter than the CSF level: no contrast to measure
+            return np.zeros(flair.shape, np.float32)
         centre = np.median(r)
         scale = 1.4826 * np.median(np.abs(r - centre)) or 1.0
         weight = (tissue & (np.abs(residual - centre) < 2 * scale)).astype(np.float32)
