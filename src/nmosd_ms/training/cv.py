@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,10 +479,16 @@ def run_cv(
     features = cohort.features()[list(FEATURES)].to_numpy(dtype=np.float64)
     labels = cohort.labels
 
+    last_tables = time.monotonic()
+
     def finish(task: FoldTask, out: FoldOutput) -> None:
-        nonlocal done
+        nonlocal done, last_tables
         store.save_fold(task, out, cohort, config.train)
-        store.aggregate(all_models)
+        # The result tables are rebuilt from every fold JSON: at most once a minute while the
+        # run goes (each rebuild reads all folds so far), and always at the end.
+        if time.monotonic() - last_tables >= 60:
+            store.aggregate(all_models)
+            last_tables = time.monotonic()
         done += 1
         if progress:
             progress(done, total, f"{task.model} r{task.repeat} f{task.fold}")
@@ -560,7 +567,10 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
             )
             futures[fut] = t
         for fut in as_completed(futures):
-            finish(futures[fut], fut.result())
+            # Drop the client's reference once written, so the worker frees the fold's result
+            # (its weights are ~45 MB; holding all 75 of a protocol grew the workers' memory).
+            finish(futures.pop(fut), fut.result())
+            fut.release()
     finally:
         client.close()
         if cluster is not None:
