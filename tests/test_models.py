@@ -118,10 +118,13 @@ def test_torchvision_state_dict_loads_strictly_and_matches_reference(depth, laye
 def test_centre_tap_backbone_equals_the_plain_one(depth):
     """The two-view backbone's 3×3 convolutions on 1×1 maps use only their centre tap; outputs
     and every gradient match the plain MONAI backbone holding the same weights."""
+    torch.manual_seed(depth)
     net = MultiViewNet(100, depth=depth)
-    fast = net.backbone.train()
+    # eval mode: train-mode BatchNorm over a batch at 1×1 divides by a 4-sample variance and
+    # turns float rounding into O(1) noise, which would test BatchNorm, not the convolutions
+    fast = net.backbone.eval()
     assert sum(isinstance(m, CentreTapConv2d) for m in fast.modules()) >= 12
-    plain = resnet_backbone(depth, 2, 64).train()
+    plain = resnet_backbone(depth, 2, 64).eval()
     plain.load_state_dict(fast.state_dict(), strict=True)
     x = torch.randn(4, 64, 32, 32)  # what the views give at S = 100: layer4 runs at 1×1
     out_fast, out_plain = fast(x), plain(x)
