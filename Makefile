@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint demo bench bench-quick clean
+.PHONY: install test lint demo bench bench-quick bench-protocol clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,15 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
 
+# The full paper protocol for two-view-18 (15 x 5 folds, 88 subjects, 100^3, 100 epochs), timed.
+BENCH_DIR ?= bench-protocol
+bench-protocol: $(STAMP)
+	rm -rf $(BENCH_DIR)
+	$(BIN)/nmosd-ms phantom $(BENCH_DIR)/cohort
+	$(BIN)/nmosd-ms prepare $(BENCH_DIR)/cohort --out $(BENCH_DIR)/prepared --size 100
+	$(BIN)/nmosd-ms cv $(BENCH_DIR)/prepared --out $(BENCH_DIR)/run --models twoview-18 \
+		--executor dask --workers 2 --threads 1 --precision bf16 --eval-every 100
+	$(BIN)/python -m benchmarks.protocol $(BENCH_DIR)/run
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(BENCH_DIR) .pytest_cache .ruff_cache
