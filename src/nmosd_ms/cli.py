@@ -329,6 +329,12 @@ def demo(
     out.print(f"report: {paths['report']}")
     out.print("the full paper protocol (15 x 5-fold, 100 epochs) on this cohort:")
     out.print(f"  {paths['full_protocol']}", markup=False, soft_wrap=True)
+    out.print(
+        "on a CPU add --executor dask --workers <cores> --threads 1 --precision bf16 "
+        "(two-view-18 alone: about an hour on 2 cores; the 3D ResNets take days)",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
