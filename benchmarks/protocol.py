@@ -68,11 +68,12 @@ def to_markdown(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.protocol")
     ap.add_argument("run_dir", type=Path, help="a finished nmosd-ms cv run folder")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for the results")
     args = ap.parse_args(argv)
     res = summarise(args.run_dir)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "protocol.json").write_text(json.dumps(res, indent=2) + "\n")
-    (HERE / "results" / "protocol.md").write_text(to_markdown(res))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "protocol.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "protocol.md").write_text(to_markdown(res))
     print(to_markdown(res))
     return 0
 
