@@ -568,7 +568,8 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
             futures[fut] = t
         for fut in as_completed(futures):
             # Drop the client's reference once written, so the worker frees the fold's result
-            # (its weights are ~45 MB; holding all 75 of a protocol grew the workers' memory).
+            # (its weights are ~45 MB; otherwise every worker keeps all its folds' results
+            # until the run ends).
             finish(futures.pop(fut), fut.result())
             fut.release()
     finally:
