@@ -253,9 +253,7 @@ def fit_bundle(
                 "n_subjects": len(cohort.ids),
                 "train": train.model_dump(mode="json"),
             },
-            "cohort": {
-                "counts": {lab: int(sum(d == lab for d in cohort.diagnoses)) for lab in LABELS}
-            },
+            "cohort": {"counts": cohort.counts},
         }
         info = _bundle_info(
             model,

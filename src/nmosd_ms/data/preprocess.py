@@ -266,6 +266,10 @@ class PreparedCohort:
     def labels(self) -> np.ndarray:
         return np.array([LABELS.index(d) for d in self.diagnoses], dtype=np.int64)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        return {lab: int(sum(d == lab for d in self.diagnoses)) for lab in LABELS}
+
     def features(self) -> pd.DataFrame:
         feats = read_tsv(self.path / "features.tsv").set_index("participant_id")
         return feats.loc[self.ids]

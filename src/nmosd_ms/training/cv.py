@@ -435,7 +435,7 @@ def run_cv(
         "models": models_info,
         "cohort": {
             "path": str(Path(cache_dir).resolve()),
-            "counts": {lab: int(sum(d == lab for d in cohort.diagnoses)) for lab in LABELS},
+            "counts": cohort.counts,
         },
         "executor": {
             "name": executor,
