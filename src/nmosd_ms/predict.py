@@ -72,9 +72,10 @@ def export_bundle(
 ) -> Path:
     """Bundle the fold models of ``model`` from a cv run (default: every fold of repeat 0)."""
     from .report.tables import load_run, table2
+    from .training.cv import RunStore
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    run = load_run(run_dir)
+    run, store = load_run(run_dir), RunStore(run_dir)
     spec = get_spec(model)
     if not spec.is_torch:
         raise NmosdError(f"{model}: only neural-network models can be exported")
@@ -93,13 +94,7 @@ def export_bundle(
     with atomic_dir(out) as tmp:
         files = []
         for _, row in folds.sort_values(["repeat", "fold"]).iterrows():
-            src = (
-                run_dir
-                / "models"
-                / model
-                / f"repeat-{row['repeat']}"
-                / f"fold-{row['fold']}.safetensors"
-            )
+            src = store.weights(model, row["repeat"], row["fold"])
             meta = read_json(src.with_suffix(".json"))
             if not _sha_ok(src, meta["sha256"]):
                 raise NmosdError(f"{src} does not match its recorded sha256")
