@@ -58,6 +58,25 @@ def test_segment_refuses_existing_output(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("--low", "4", "--high", "3"), ("--background", "0"), ("--min-volume", "-1")],
+)
+def test_segment_refuses_bad_parameters_before_reading(tmp_path, args):
+    out = tmp_path / "m.nii.gz"
+    res = run_cli("segment", "--flair", tmp_path / "absent.nii.gz", "--out", out, *args)
+    assert_user_error(res, "need 0 < --low <= --high")
+    assert not out.exists()
+
+
+def test_segment_missing_flair_is_one_line(tmp_path):
+    out = tmp_path / "m.nii.gz"
+    assert_user_error(
+        run_cli("segment", "--flair", tmp_path / "absent.nii.gz", "--out", out), "absent.nii.gz"
+    )
+    assert not out.exists()
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 

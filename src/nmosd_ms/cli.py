@@ -462,6 +462,10 @@ def segment(
 
     if out_path.exists():
         raise NmosdError(f"--out {out_path} exists; it is never overwritten")
+    if not (0 < low <= high and background > 0 and csf_margin >= 0 and min_volume >= 0):
+        raise NmosdError(
+            "need 0 < --low <= --high, --background > 0, --csf-margin >= 0, --min-volume >= 0"
+        )
     img = nifti.load(flair, "FLAIR")
     brain = None
     if brain_mask is not None:
@@ -470,8 +474,6 @@ def segment(
         brain = b.data > 0
     elif skull_stripped:
         brain = img.data > 0
-    if not (0 < low <= high and background > 0 and csf_margin >= 0 and min_volume >= 0):
-        raise NmosdError("need 0 < --low <= --high, --background > 0, --csf-margin >= 0")
     params = WMHParams(
         low=low,
         high=high,
