@@ -169,6 +169,15 @@ def train_torch_fold(
         torch.amp.GradScaler("cuda") if config.precision == "fp16" and dev.type == "cuda" else None
     )
 
+    def calibrate() -> None:
+        # Recalibration is deterministic for given weights, so it runs once per set of weights
+        # (the curve point, the inner validation and the end of training share it).
+        nonlocal calibrated
+        if not calibrated:
+            recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
+            calibrated = True
+
+    calibrated = False
     curves: list[dict] = []
     best = (math.inf, None, 0)
     t0 = time.perf_counter()
@@ -204,6 +213,7 @@ def train_torch_fold(
             seen += len(bidx)
         sched.step()
         epochs_run = epoch
+        calibrated = False  # the weights moved: BatchNorm statistics are stale
         row = {
             "epoch": epoch,
             "lr": lr,
@@ -213,7 +223,7 @@ def train_torch_fold(
             "test_accuracy": math.nan,
         }
         if len(test_idx) and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
+            calibrate()
             row["test_loss"], row["test_accuracy"] = _loss_acc(
                 model, volumes[test_idx], labels[test_idx], dev, config.precision
             )
@@ -222,7 +232,7 @@ def train_torch_fold(
         if on_epoch:
             on_epoch(epoch, config.epochs)
         if len(val_idx):
-            recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
+            calibrate()
             vloss, _ = _loss_acc(model, volumes[val_idx], labels[val_idx], dev, config.precision)
             if vloss < best[0] - 1e-6:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -231,7 +241,8 @@ def train_torch_fold(
                 break
     if len(val_idx) and best[1] is not None:
         model.load_state_dict(best[1])
-    recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
+        calibrated = False
+    calibrate()
     train_seconds = time.perf_counter() - t0
     ti = time.perf_counter()
     prob = predict_proba(model, volumes[test_idx], dev, config.precision)
