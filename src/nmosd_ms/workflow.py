@@ -21,7 +21,7 @@ ProgressFactory = Callable[[str], contextlib.AbstractContextManager]
 
 DEMO_MODELS = ("twoview-18", "resnet3d-18", "lesionload-logreg")
 DEMO_TRAIN = TrainConfig(epochs=15, batch_size=8, eval_every=3)
-DEMO_3D_SIZE = 32  # the 3D baseline at 100³ costs ~20x the two-view model per step
+DEMO_3D_SIZE = 32  # the 3D baseline at 100³ costs ~30x the two-view model per step (make bench)
 
 FULL_PROTOCOL = (
     "nmosd-ms cv {cache} --out {out}/paper-run "
