@@ -124,6 +124,7 @@ def predict_seconds(saliency: bool, folds: int = 5) -> float | None:
     the weights' values) predicting one real native scan."""
     from safetensors.torch import save_file
 
+    from nmosd_ms.config import PrepareConfig
     from nmosd_ms.data.ingest import Subject
     from nmosd_ms.io import sha256_file, write_json
     from nmosd_ms.models import build_model
@@ -149,12 +150,8 @@ def predict_seconds(saliency: bool, folds: int = 5) -> float | None:
                 "size": 100,
                 "files": files,
                 "preprocessing": {
-                    "size": 100,
+                    **PrepareConfig(size=100).model_dump(mode="json"),
                     "cache_size": 100,
-                    "input": "lesion-mask",
-                    "interpolation": "antialiased",
-                    "segment_missing": False,
-                    "min_lesion_voxels": 3,
                 },
             },
         )
