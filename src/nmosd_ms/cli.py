@@ -7,6 +7,7 @@ Only argument handling lives here; each verb calls one library function. User er
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,23 +15,60 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import NmosdError
 
+out = Console()
+err = Console(stderr=True)
+
+
+def _error_line(message: str) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    _error_line(message)
+    raise typer.Exit(code)
+
+
+#: click's exception classes as this typer raises them (recent typer vendors its own click).
+_clickexc = sys.modules[typer.BadParameter.__module__]
+_NoArgsIsHelp = getattr(_clickexc, "NoArgsIsHelpError", ())
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Option errors that click itself finds (a value under ``min``, a missing or unknown
+    option) are printed by click as a usage block and a boxed message; here they become the
+    same single ``error:`` line, exit 2, as every other user error."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _NoArgsIsHelp:  # bare ``nmosd-ms``: the help, as usual
+            return super().main(*args, standalone_mode=True, **kwargs)
+        except _clickexc.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            _error_line(
+                f"{exc.format_message()} (see {ctx.command_path if ctx else 'nmosd-ms'} --help)"
+            )
+            sys.exit(exc.exit_code)
+        except _clickexc.Abort:
+            _error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Tell NMOSD from MS on 3D T2-FLAIR white-matter-lesion maps (research use only).",
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def user_errors(fn):
