@@ -29,3 +29,10 @@ def test_help_and_version_still_exit_zero():
     assert res.exit_code == 0 and "--threads" in res.stdout
     res = run_cli("--version")
     assert res.exit_code == 0 and "nmosd-ms" in res.stdout
+
+
+def test_an_error_before_any_progress_leaves_no_blank_progress_line(tmp_path):
+    res = run_cli("demo", "--out", tmp_path / "d", "--difficulty", "bogus")
+    assert_user_error(res, "--difficulty")
+    assert res.stderr.splitlines() == [res.stderr.strip()]  # no empty line from a progress bar
+    assert not (tmp_path / "d").exists()

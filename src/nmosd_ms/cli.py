@@ -106,16 +106,18 @@ class Bar:
         self.task = None
 
     def __enter__(self):
-        self.progress.__enter__()
-        return self
+        return self  # the display starts with the first progress report
 
     def __exit__(self, *exc):
+        if self.task is None:  # nothing was shown (e.g. bad input found before any work)
+            return
         if exc[0] is not None:  # on an error, leave only the error line on stderr
             self.progress.live.transient = True
         self.progress.__exit__(*exc)
 
     def __call__(self, done: int, total: int, label: str | None = None) -> None:
         if self.task is None:
+            self.progress.__enter__()
             self.task = self.progress.add_task(self.label, total=total)
         self.progress.update(
             self.task, completed=done, total=total, description=label or self.label
