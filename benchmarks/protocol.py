@@ -21,9 +21,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def summarise(run_dir: Path) -> dict:
+    if not (run_dir / "run.json").is_file():
+        raise SystemExit(f"error: {run_dir} is not a cv run folder (no run.json)")
     meta = json.loads((run_dir / "run.json").read_text())
-    if "finished" not in meta:
-        raise SystemExit(f"error: {run_dir} has not finished (run.json has no 'finished')")
+    # cv writes "finished": null when it starts and the time when it ends
+    if not meta.get("finished") or not (run_dir / "results" / "folds.tsv").is_file():
+        raise SystemExit(f"error: {run_dir} has not finished (run.json has no finish time)")
     folds = pd.read_csv(run_dir / "results" / "folds.tsv", sep="\t")
     start = dt.datetime.fromisoformat(meta["started"])
     end = dt.datetime.fromisoformat(meta["finished"])

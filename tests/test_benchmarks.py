@@ -33,7 +33,7 @@ def test_protocol_summary_refuses_an_unfinished_run(small_run, tmp_path):
     run = tmp_path / "run"
     (run / "results").mkdir(parents=True)
     meta = json.loads((small_run / "run.json").read_text())
-    meta.pop("finished")
+    meta["finished"] = None  # as cv leaves it while running
     (run / "run.json").write_text(json.dumps(meta))
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.protocol", str(run), "--out", str(tmp_path / "o")],
@@ -43,3 +43,15 @@ def test_protocol_summary_refuses_an_unfinished_run(small_run, tmp_path):
     )
     assert res.returncode != 0 and "has not finished" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_protocol_summary_refuses_a_folder_that_is_not_a_run(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.protocol", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and res.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope'} is not a cv run folder (no run.json)"
+    ]
