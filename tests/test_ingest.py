@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -142,6 +144,13 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     index = pd.read_csv(tmp_path / "cache" / "index.tsv", sep="\t")
     sources = dict(zip(index["participant_id"], index["lesion_source"], strict=True))
     assert sources["sub-02"] == "segmented" and sources["sub-00"] == "given"
+    params = json.loads((tmp_path / "cache" / "prepare.json").read_text())["params"]
+    assert params["segment_missing"] and params["segment_drop_symmetric"]
+    # --keep-symmetric is a different preprocessing: every subject is prepared again, and recorded
+    result = _prepare(tmp_path, manifest, "--segment-missing", "--keep-symmetric")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((tmp_path / "cache" / "prepare.json").read_text())
+    assert summary["reused"] == 0 and not summary["params"]["segment_drop_symmetric"]
 
 
 @pytest.mark.parametrize(

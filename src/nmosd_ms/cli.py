@@ -156,6 +156,13 @@ def prepare(
     segment_missing: Annotated[
         bool, typer.Option(help="segment WMH from the FLAIR where a lesion mask is missing")
     ] = False,
+    drop_symmetric: Annotated[
+        bool,
+        typer.Option(
+            "--drop-symmetric/--keep-symmetric",
+            help="with --segment-missing: as in nmosd-ms segment",
+        ),
+    ] = True,
     workers: Annotated[int, typer.Option(min=1, help="subjects processed in parallel")] = 1,
 ):
     """Crop, reorient and resize a cohort into model-ready S³ volumes."""
@@ -164,7 +171,11 @@ def prepare(
     from .data.preprocess import prepare as run_prepare
 
     config = PrepareConfig(
-        size=size, input=input_kind, interpolation=interpolation, segment_missing=segment_missing
+        size=size,
+        input=input_kind,
+        interpolation=interpolation,
+        segment_missing=segment_missing,
+        segment_drop_symmetric=drop_symmetric,
     )
     cohort = load_cohort(dataset, lesions, label_column, require_lesion_masks=not segment_missing)
     with Bar("prepare") as bar:
@@ -493,6 +504,15 @@ def segment(
     skull_stripped: Annotated[
         bool, typer.Option(help="the FLAIR is brain-extracted: its non-zero voxels are the brain")
     ] = False,
+    drop_symmetric: Annotated[
+        bool,
+        typer.Option(
+            "--drop-symmetric/--keep-symmetric",
+            help="drop lesions whose mirror image across the mid-sagittal plane is as bright "
+            "(normal FLAIR-bright anatomy); keep them when small bilateral symmetric lesions "
+            "are expected",
+        ),
+    ] = True,
 ):
     """Segment white-matter hyperintensities from a FLAIR (same grid and affine as the input)."""
     import numpy as np
@@ -521,6 +541,7 @@ def segment(
         edge_mm=edge,
         background_mm=background,
         csf_margin_mm=csf_margin,
+        drop_symmetric=drop_symmetric,
     )
     mask = segment_wmh(img.data, img.zooms, brain, params)
     nifti.save(out_path, mask.astype(np.uint8), img.affine)

@@ -34,6 +34,13 @@ class PrepareConfig(_Options):
     segment_missing: bool = Field(
         False, description="segment WMH from the FLAIR when a subject has no lesion mask"
     )
+    segment_drop_symmetric: bool = Field(
+        True,
+        description=(
+            "when segmenting, drop lesions whose mirror image across the mid-sagittal plane is as "
+            "bright (normal FLAIR-bright anatomy); False keeps small bilateral symmetric lesions"
+        ),
+    )
     min_lesion_voxels: int = Field(
         3, ge=1, description="smallest connected component counted as a lesion in features.tsv"
     )

@@ -72,9 +72,14 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
             raise NmosdError(
                 f"participant {pid}: no lesion mask (use --segment-missing with a FLAIR)"
             )
-        from ..segment import segment_wmh
+        from ..segment import WMHParams, segment_wmh
 
-        seg = segment_wmh(flair.data, flair.zooms, brain.data > 0 if brain is not None else None)
+        seg = segment_wmh(
+            flair.data,
+            flair.zooms,
+            brain.data > 0 if brain is not None else None,
+            WMHParams(drop_symmetric=config.segment_drop_symmetric),
+        )
         lesion = nifti.Image(seg.astype(np.float32), flair.affine, None)
         lesion_source = "segmented"
 
