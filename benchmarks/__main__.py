@@ -1,7 +1,8 @@
 """Benchmarks measured in one process, so that ratios cancel machine noise.
 
 ``python -m benchmarks --quick`` (under 3 minutes on 2 cores): fp32 GEMM peak, training-step
-time of twoview-18 and resnet3d-18, prepare seconds per real native scan. Writes
+time of twoview-18 and resnet3d-18, prepare seconds per real native scan, WMH segmentation
+seconds per real 1 mm FLAIR. Writes
 ``benchmarks/results/quick.json`` and ``quick.md``.
 
 ``python -m benchmarks`` (full): also twoview-34, threeview-18, resnet3d-34, bf16, the full-protocol
@@ -119,6 +120,29 @@ def prepare_seconds(n: int) -> float | None:
     return (time.perf_counter() - t) / len(subs)
 
 
+def segment_seconds() -> dict | None:
+    """WMH segmentation of the two real 1 mm MNI FLAIRs (182×218×182), with and without the
+    symmetry step (seconds per scan, images already in memory)."""
+    import nibabel as nib
+
+    from nmosd_ms.segment import WMHParams, segment_wmh
+
+    paths = sorted((SHARED / "lesjak2017").glob("sub-*/flair_mni.nii.gz"))
+    if not paths:
+        return None
+    images = [(np.asarray(nib.load(p).dataobj, np.float32), nib.load(p)) for p in paths]
+    out = {}
+    for key, params in (
+        ("default", WMHParams()),
+        ("keep_symmetric", WMHParams(drop_symmetric=False)),
+    ):
+        t = time.perf_counter()
+        for data, img in images:
+            segment_wmh(data, img.header.get_zooms()[:3], data > 0, params)
+        out[key] = (time.perf_counter() - t) / len(images)
+    return out
+
+
 def predict_seconds(saliency: bool, folds: int = 5) -> float | None:
     """A bundle of ``folds`` randomly initialised twoview-18 models (timing does not depend on
     the weights' values) predicting one real native scan."""
@@ -209,6 +233,7 @@ def main(argv=None) -> int:
     )
     res["twoview18_fraction_of_gemm_peak"] = res["step_gflops"]["twoview-18"] / res["gemm_gflops"]
     res["prepare_seconds_per_subject"] = prepare_seconds(5 if args.quick else 20)
+    res["segment_seconds_per_scan"] = segment_seconds()
     if not args.quick:
         steps = math.ceil(70 / 8)  # 88 subjects, 5 folds: ~70 training subjects per fold
         res["full_protocol_hours"] = {
@@ -254,6 +279,13 @@ def to_markdown(res: dict) -> str:
             f"prepare, real native 192×512×512 scans: "
             f"**{res['prepare_seconds_per_subject']:.2f} s / subject**"
         )
+    seg = res.get("segment_seconds_per_scan")
+    if seg is not None:
+        lines += [
+            "",
+            f"WMH segmentation, real 1 mm FLAIRs (182×218×182): **{seg['default']:.1f} s / scan** "
+            f"({seg['keep_symmetric']:.1f} s without the symmetry step)",
+        ]
     if "full_protocol_hours" in res:
         lines += [
             "",
