@@ -45,12 +45,16 @@ def gemm_gflops(n: int = 2048, reps: int = 10, trials: int = 5) -> float:
 def step_seconds(
     name: str, size: int = 100, batch: int = 8, precision: str = "fp32", steps: int = 3
 ) -> float:
+    from nmosd_ms.config import TrainConfig
     from nmosd_ms.models import build_model
 
     torch.manual_seed(0)
     model = build_model(name, size)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    train = TrainConfig()  # the optimiser training uses (plain SGD by default)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+    )
     x = torch.rand(batch, 1, size, size, size)
     if precision == "bf16":  # as in training: the cohort is held in the autocast dtype
         x = x.to(torch.bfloat16)
