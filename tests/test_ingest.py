@@ -144,6 +144,8 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     index = pd.read_csv(tmp_path / "cache" / "index.tsv", sep="\t")
     sources = dict(zip(index["participant_id"], index["lesion_source"], strict=True))
     assert sources["sub-02"] == "segmented" and sources["sub-00"] == "given"
+    files = dict(zip(index["participant_id"], index["segmentation"].fillna(""), strict=True))
+    assert files["sub-02"] == "segmentations/sub-02_wmh.nii.gz" and files["sub-00"] == ""
     params = json.loads((tmp_path / "cache" / "prepare.json").read_text())["params"]
     assert params["segment_missing"] and params["segment_drop_symmetric"]
     # --keep-symmetric is a different preprocessing: every subject is prepared again, and recorded
@@ -151,6 +153,28 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads((tmp_path / "cache" / "prepare.json").read_text())
     assert summary["reused"] == 0 and not summary["params"]["segment_drop_symmetric"]
+
+
+def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):
+    """A phantom FLAIR given without its mask: the cache holds the WMH mask prepare made, on the
+    FLAIR's grid; it is the lesion image that was used and what `nmosd-ms segment` gives."""
+    subjects = load_bids(phantom_cohort).subjects
+    s = next(x for x in subjects if nib.load(x.lesion_mask).get_fdata().sum() > 50)
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(
+        "participant_id\tdiagnosis\tflair\tlesion_mask\n"
+        f"{s.participant_id}\t{s.diagnosis}\t{s.flair}\t\n"
+    )
+    cache = tmp_path / "cache"
+    res = run_cli("prepare", manifest, "--out", cache, "--size", "16", "--segment-missing")
+    assert res.exit_code == 0, res.stderr
+    row = pd.read_csv(cache / "index.tsv", sep="\t").iloc[0]
+    seg = nib.load(cache / row["segmentation"])
+    assert np.allclose(seg.affine, nib.load(s.flair).affine)
+    assert int(np.asarray(seg.dataobj).sum()) == row["lesion_voxels"] > 0
+    assert run_cli("segment", "--flair", s.flair, "--out", tmp_path / "s.nii.gz").exit_code == 0
+    alone = np.asarray(nib.load(tmp_path / "s.nii.gz").dataobj)
+    assert np.array_equal(np.asarray(seg.dataobj), alone)
 
 
 @pytest.mark.parametrize(

@@ -129,12 +129,19 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
 
 def test_flair_alone_is_segmented_then_predicted(bundle_dir, phantom_cohort, tmp_path):
     flair = next(phantom_cohort.glob("sub-*/anat/*_FLAIR.nii.gz"))
-    res = run_cli(
-        "predict", bundle_dir, "--flair", flair, "--participant-id", "p1", "--out", tmp_path / "o"
-    )
+    args = ("--flair", flair, "--participant-id", "p1", "--out", tmp_path / "o", "--saliency")
+    res = run_cli("predict", bundle_dir, *args)
     assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "o" / "p1_saliency.png").stat().st_size > 0  # outline: the segmentation
     pred = pd.read_csv(tmp_path / "o" / "predictions.tsv", sep="\t")
     assert pred.loc[0, "participant_id"] == "p1" and pred.loc[0, "lesion_source"] == "segmented"
+    # the segmentation the model saw is written, and it is what `nmosd-ms segment` gives
+    assert pred.loc[0, "segmentation"] == "p1_wmh.nii.gz"
+    seen = nib.load(tmp_path / "o" / "p1_wmh.nii.gz")
+    assert run_cli("segment", "--flair", flair, "--out", tmp_path / "s.nii.gz").exit_code == 0
+    alone = nib.load(tmp_path / "s.nii.gz")
+    assert np.allclose(seen.affine, nib.load(flair).affine)
+    assert np.array_equal(np.asarray(seen.dataobj), np.asarray(alone.dataobj))
     assert_user_error(
         run_cli("predict", bundle_dir, "--flair", flair, "--out", tmp_path / "o"),
         "already holds predictions",

@@ -342,6 +342,9 @@ def predict_subjects(
                 "prob_nmosd": mean,
                 "predicted": "NMOSD" if mean >= 0.5 else "MS",
                 "lesion_source": prep.row["lesion_source"],
+                "segmentation": f"{s.participant_id}_wmh.nii.gz"
+                if prep.segmentation is not None
+                else "",
                 "fold_spread": float(probs.std(ddof=1)) if len(probs) > 1 else math.nan,
                 "fold_min": float(probs.min()),
                 "fold_max": float(probs.max()),
@@ -371,6 +374,9 @@ def predict_subjects(
                 "predictions": df.to_dict("records"),
             },
         )
+        for s, prep in zip(subjects, prepared, strict=True):
+            if prep.segmentation is not None:  # what the model saw, for review
+                prep.save_segmentation(out / f"{s.participant_id}_wmh.nii.gz")
         if saliency:
             from .interpret import save_saliency
 

@@ -11,6 +11,8 @@ Cache layout::
     CACHE_DIR/<id>.npy        float32 (S, S, S), canonical RAS axes
     CACHE_DIR/features.tsv    lesion-load features (nmosd_ms.data.features)
     CACHE_DIR/spatial.json    per-subject SpatialRecord for the inverse map
+    CACHE_DIR/segmentations/<id>_wmh.nii.gz   the WMH mask of subjects segmented here
+                              (--segment-missing), on the FLAIR's grid, for review
     CACHE_DIR/prepare.json    parameters, versions, cohort hash (written last)
 """
 
@@ -43,6 +45,17 @@ class PreparedSubject:
     row: dict
     features: dict
     record: SpatialRecord
+    segmentation: np.ndarray | None = None  # WMH mask on the FLAIR's grid, when segmented here
+
+    def save_segmentation(self, path: Path) -> None:
+        """The WMH mask made for this subject, on its FLAIR's grid and affine."""
+        _save_mask(path, self.segmentation, self.record)
+
+
+def _save_mask(path: Path, mask: np.ndarray, record: SpatialRecord) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nifti.save(path, mask.reshape(record.source_shape).astype(np.uint8), record.affine)
 
 
 def _normalise_flair(flair: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
@@ -82,6 +95,7 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         )
         lesion = nifti.Image(seg.astype(np.float32), flair.affine, None)
         lesion_source = "segmented"
+    segmentation = seg if lesion_source == "segmented" else None
 
     affine = ref.affine
     lesion_c, canon_affine = to_canonical(lesion.data, affine)
@@ -128,7 +142,7 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         "lesion_mask": str(subject.lesion_mask or ""),
         "brain_mask": str(subject.brain_mask or ""),
     }
-    return PreparedSubject(array, row, feats, record)
+    return PreparedSubject(array, row, feats, record, segmentation)
 
 
 def _source_hashes(subject: Subject) -> dict[str, str]:
@@ -197,8 +211,14 @@ def prepare(
     if progress:
         progress(done, len(cohort))
 
+    packed: dict[str, np.ndarray] = {}  # segmentations held 1 bit per voxel until written
+
     def work(s: Subject) -> tuple[str, PreparedSubject]:
-        return s.participant_id, prepare_subject(s, config)
+        res = prepare_subject(s, config)
+        if res.segmentation is not None:
+            packed[s.participant_id] = np.packbits(res.segmentation)
+            res.segmentation = None
+        return s.participant_id, res
 
     # Threads suffice: gzip, numpy and torch release the GIL. One worker runs in order.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -216,7 +236,13 @@ def prepare(
         if pid in results:
             r = results[pid]
             save_npy(out / r.row["array"], r.array)
-            rows.append({**r.row, **hashes[pid]})
+            seg_file = ""
+            if pid in packed:
+                seg_file = f"segmentations/{pid}_wmh.nii.gz"
+                n_voxels = int(np.prod(r.record.source_shape))
+                bits = np.unpackbits(packed.pop(pid), count=n_voxels)
+                _save_mask(out / seg_file, bits, r.record)
+            rows.append({**r.row, "segmentation": seg_file, **hashes[pid]})
             feature_rows.append({"participant_id": pid, "diagnosis": s.diagnosis, **r.features})
             records[pid] = r.record.to_json()
         else:
@@ -228,6 +254,8 @@ def prepare(
     features = pd.DataFrame(feature_rows, columns=["participant_id", "diagnosis", *FEATURES])
     for stale in set(previous) - {s.participant_id for s in cohort.subjects}:
         (out / previous[stale]["array"]).unlink(missing_ok=True)
+        if isinstance(seg := previous[stale].get("segmentation"), str) and seg:
+            (out / seg).unlink(missing_ok=True)
     write_tsv(out / "index.tsv", index)
     write_tsv(out / "features.tsv", features)
     write_json(out / "spatial.json", records)
