@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -92,6 +93,35 @@ def test_page_is_self_contained(report_dir):
     for name in ("fig4_learning_curves", "roc", "confusion", "subjects"):
         assert (report_dir / "figures" / f"{name}.png").stat().st_size > 1000
         assert (report_dir / "figures" / f"{name}.svg").is_file()
+
+
+def test_lesion_sources_are_reported(report_dir, small_run):
+    """cv records, per class, how many lesion maps were given or segmented; the report states it
+    and warns only when the classes differ (all given here)."""
+    meta = json.loads((small_run / "run.json").read_text())
+    counts = meta["cohort"]["counts"]
+    table = meta["cohort"]["lesion_source"]
+    assert table == {k: {"given": n, "segmented": 0} for k, n in counts.items()}
+    page = (report_dir / "index.html").read_text()
+    assert "Lesion maps:" in page and 'class="warn"' not in page
+    assert not json.loads((report_dir / "report.json").read_text())["lesion_source"]["unbalanced"]
+
+
+def test_unbalanced_lesion_sources_are_flagged(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("report", "models"))
+    meta = json.loads((run / "run.json").read_text())
+    n, m = meta["cohort"]["counts"]["NMOSD"], meta["cohort"]["counts"]["MS"]
+    meta["cohort"]["lesion_source"] = {  # as if every NMOSD map came from --segment-missing
+        "NMOSD": {"given": 0, "segmented": n},
+        "MS": {"given": m, "segmented": 0},
+    }
+    (run / "run.json").write_text(json.dumps(meta))
+    page = build_report(run).read_text()
+    assert 'class="warn"' in page and "NMOSD 100%, MS 0%" in page
+    summary = json.loads((run / "report" / "report.json").read_text())["lesion_source"]
+    assert summary["unbalanced"]
+    assert summary["fisher_p"] == pytest.approx(stats.fisher_exact([[n, 0], [0, m]]).pvalue)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -303,6 +303,19 @@ class PreparedCohort:
     def counts(self) -> dict[str, int]:
         return {lab: int(sum(d == lab for d in self.diagnoses)) for lab in LABELS}
 
+    @property
+    def lesion_sources(self) -> dict[str, dict[str, int]]:
+        """Per diagnosis, how many lesion images were given and how many segmented here."""
+        source = self.index.get("lesion_source", pd.Series("given", index=self.index.index))
+        source = source.replace("", "given").fillna("given")
+        return {
+            lab: {
+                kind: int(((self.index["diagnosis"] == lab) & (source == kind)).sum())
+                for kind in ("given", "segmented")
+            }
+            for lab in LABELS
+        }
+
     def features(self) -> pd.DataFrame:
         feats = read_tsv(self.path / "features.tsv").set_index("participant_id")
         return feats.loc[self.ids]

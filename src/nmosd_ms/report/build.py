@@ -19,6 +19,7 @@ from .tables import (
     chance_level,
     comparisons,
     comparisons_display,
+    lesion_sources,
     load_run,
     table2,
     table2_display,
@@ -47,6 +48,26 @@ def _table_html(df: pd.DataFrame, table_id: str) -> str:
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _lesion_source_html(sources: dict | None) -> str:
+    if sources is None:
+        return ""
+    c = sources["counts"]
+    line = (
+        f"<b>Lesion maps:</b> NMOSD {c['NMOSD']['given']} given, {c['NMOSD']['segmented']} "
+        f"segmented by nmosd-ms; MS {c['MS']['given']} given, {c['MS']['segmented']} segmented."
+    )
+    if not sources["unbalanced"]:
+        return f"<p>{line}</p>"
+    share = sources["segmented_share"]
+    return (
+        f'<p class="warn">{line} <b>The share of automatically segmented maps differs between '
+        f"the classes</b> (NMOSD {share['NMOSD']:.0%}, MS {share['MS']:.0%}; Fisher's exact "
+        f"p = {sources['fisher_p']:.3g}): a model can learn the segmentation method instead of "
+        "the disease. Prefer the same lesion source for every subject, or check that the "
+        "results hold within each source.</p>"
+    )
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -107,6 +128,7 @@ def _write(run, out: Path) -> None:
     chance = chance_level(run)
     train = opts["train"]
     env = meta["environment"]
+    sources = lesion_sources(run)
     always_wrong = subjects[subjects["always_wrong"]].groupby("model")["participant_id"].apply(list)
     summary = {
         "tool": "nmosd-ms report",
@@ -126,6 +148,7 @@ def _write(run, out: Path) -> None:
         "device": env["device"],
         "models": run.models,
         "always_wrong": {k: v for k, v in always_wrong.items()},
+        "lesion_source": sources,
     }
     write_json(out / "report.json", summary)
 
@@ -153,6 +176,7 @@ precision {train["precision"]}. NMOSD is the positive class (sensitivity = NMOSD
 specificity = MS recall).<br>
 <b>Device:</b> {html.escape(env["device"])} ({html.escape(str(env.get("device_name", "")))},
 {env.get("cpu_count")} CPUs, torch {html.escape(env["torch"])}).</p>
+{_lesion_source_html(sources)}
 <h2>Table 2 — performance</h2>
 <p class="note">mean ± SD over repeats (each repeat pools its folds' held-out predictions) [95 %
 CI from the corrected resampled t distribution over folds]. With one repeat the SD is undefined.</p>

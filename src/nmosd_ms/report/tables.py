@@ -56,6 +56,31 @@ def load_run(root: str | Path) -> Run:
     return run
 
 
+def lesion_sources(run: Run) -> dict | None:
+    """How the lesion images were obtained, per class, and whether that differs between the
+    classes (Fisher's exact test): a classifier can learn the segmentation method instead of the
+    disease when one class's maps come from the automatic segmentation more often. ``None`` for
+    runs written before cv recorded it."""
+    from scipy.stats import fisher_exact
+
+    table = run.meta["cohort"].get("lesion_source")
+    if not table:
+        return None
+    rows = [[table[lab]["segmented"], table[lab]["given"]] for lab in ("NMOSD", "MS")]
+    share = {
+        lab: (r[0] / (r[0] + r[1]) if r[0] + r[1] else math.nan)
+        for lab, r in zip(("NMOSD", "MS"), rows, strict=True)
+    }
+    any_segmented = rows[0][0] + rows[1][0] > 0
+    p = float(fisher_exact(rows).pvalue) if any_segmented else 1.0
+    return {
+        "counts": table,
+        "segmented_share": share,
+        "fisher_p": p,
+        "unbalanced": bool(any_segmented and share["NMOSD"] != share["MS"]),
+    }
+
+
 def repeat_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     """Metrics per (model, repeat), pooling the held-out predictions of that repeat's folds."""
     rows = []

@@ -436,6 +436,7 @@ def run_cv(
         "cohort": {
             "path": str(Path(cache_dir).resolve()),
             "counts": cohort.counts,
+            "lesion_source": cohort.lesion_sources,
         },
         "executor": {
             "name": executor,
