@@ -27,6 +27,8 @@ def test_bundle_contents(bundle_dir):
     assert set(info["cv_metrics"]) >= {"accuracy", "auc"}
     card = (bundle_dir / "MODEL_CARD.md").read_text()
     assert "Research use only" in card and "lr, ap" in card
+    assert info["training"]["lesion_source"]["NMOSD"] == {"given": 8, "segmented": 0}
+    assert "Lesion maps: MS 8 given, 0 segmented by nmosd-ms; NMOSD 8 given" in card
 
 
 def test_predictions_equal_cv_fold_predictions(bundle_dir, small_run, phantom_cohort):

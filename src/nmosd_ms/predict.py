@@ -46,6 +46,7 @@ CARD = """# Model card: {name}
 
 ## Training data
 - Cohort: {n_subjects} subjects ({counts}); cohort hash `{cohort_hash}`.
+- Lesion maps: {lesion_source}
 - Source: {source}. {kind}
 
 ## Performance ({perf_source})
@@ -150,6 +151,7 @@ def _bundle_info(model, size, prep, run_meta, files, metrics, kind, source) -> d
             "cohort_hash": run_meta["options"]["cohort_hash"],
             "n_subjects": run_meta["options"]["n_subjects"],
             "counts": run_meta["cohort"]["counts"],
+            "lesion_source": run_meta["cohort"].get("lesion_source"),
             "train_config": run_meta["options"]["train"],
             "kind": kind,
             "source": source,
@@ -176,6 +178,16 @@ def _write_bundle(folder: Path, info: dict) -> None:
         perf = "- not estimated: this model was fitted on the whole cohort (see `nmosd-ms cv`)."
     prep = "\n".join(f"- {k}: {v}" for k, v in info["preprocessing"].items())
     counts = ", ".join(f"{v} {k}" for k, v in info["training"]["counts"].items())
+    sources = info["training"].get("lesion_source")
+    lesion_source = (
+        "; ".join(
+            f"{k} {v['given']} given, {v['segmented']} segmented by nmosd-ms"
+            for k, v in sources.items()
+        )
+        + ". A FLAIR given alone to `predict` is segmented the same way."
+        if sources
+        else "not recorded (a run written before nmosd-ms recorded it)."
+    )
     synthetic = (
         "If the training cohort is the built-in synthetic one, the numbers above describe "
         "synthetic data only and say nothing about patients."
@@ -192,6 +204,7 @@ def _write_bundle(folder: Path, info: dict) -> None:
             views=", ".join(info["views"]) or "n/a (3D model)",
             n_subjects=info["training"]["n_subjects"],
             counts=counts,
+            lesion_source=lesion_source,
             cohort_hash=info["training"]["cohort_hash"][:16],
             source=info["training"]["source"],
             kind=f"Weights: {info['training']['kind']}.",
@@ -248,7 +261,7 @@ def fit_bundle(
                 "n_subjects": len(cohort.ids),
                 "train": train.model_dump(mode="json"),
             },
-            "cohort": {"counts": cohort.counts},
+            "cohort": {"counts": cohort.counts, "lesion_source": cohort.lesion_sources},
         }
         info = _bundle_info(
             model,
