@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -153,6 +154,20 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads((tmp_path / "cache" / "prepare.json").read_text())
     assert summary["reused"] == 0 and not summary["params"]["segment_drop_symmetric"]
+
+
+def test_bids_subject_without_mask_points_to_segment_missing(phantom_cohort, tmp_path):
+    bids = tmp_path / "bids"
+    shutil.copytree(phantom_cohort, bids)
+    shutil.rmtree(bids / "derivatives" / "lesions" / "sub-003")
+    args = ("prepare", bids, "--out", tmp_path / "c", "--size", "16")
+    assert_user_error(run_cli(*args), "sub-003: lesion mask not found", "--segment-missing")
+    assert not (tmp_path / "c").exists()
+    res = run_cli(*args, "--segment-missing")
+    assert res.exit_code == 0, res.stderr
+    index = pd.read_csv(tmp_path / "c" / "index.tsv", sep="\t").set_index("participant_id")
+    assert (index["lesion_source"] == "segmented").sum() == 1
+    assert index.loc["sub-003", "segmentation"] == "segmentations/sub-003_wmh.nii.gz"
 
 
 def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):

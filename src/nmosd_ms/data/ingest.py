@@ -123,11 +123,13 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
     return Cohort(tuple(subjects), source=str(path.resolve()))
 
 
-def _one(matches: list[Path], what: str, pid: str, required: bool, where: Path) -> Path | None:
+def _one(
+    matches: list[Path], what: str, pid: str, required: bool, where: Path, hint: str = ""
+) -> Path | None:
     matches = sorted(m for m in matches if m.name.endswith(NIFTI_SUFFIXES))
     if not matches:
         if required:
-            raise NmosdError(f"participant {pid}: {what} not found under {where}")
+            raise NmosdError(f"participant {pid}: {what} not found under {where}{hint}")
         return None
     if len(matches) > 1:
         names = ", ".join(m.name for m in matches)
@@ -152,7 +154,10 @@ def load_bids(
     _check_ids(ids, table)
     deriv = root / "derivatives" / lesions
     if require_lesion_masks and not deriv.is_dir():
-        raise NmosdError(f"lesion derivatives folder not found: {deriv} (see --lesions)")
+        raise NmosdError(
+            f"lesion derivatives folder not found: {deriv} (see --lesions, or use "
+            "--segment-missing to segment the FLAIRs)"
+        )
     subjects = []
     for pid, value in zip(ids, df[label_column], strict=True):
         label = normalise_label(value, pid, label_column)
@@ -165,6 +170,7 @@ def load_bids(
             pid,
             require_lesion_masks,
             danat,
+            " (or use --segment-missing to segment the FLAIR)",
         )
         brain = _one(
             list(danat.glob("*_desc-brain_mask.nii*")) + list(anat.glob("*_desc-brain_mask.nii*")),
