@@ -104,6 +104,7 @@ def test_lesion_sources_are_reported(report_dir, small_run):
     assert table == {k: {"given": n, "segmented": 0} for k, n in counts.items()}
     page = (report_dir / "index.html").read_text()
     assert "Lesion maps:" in page and 'class="warn"' not in page
+    assert meta["cohort"]["segmented"] == [] and not (report_dir / "lesion_source.tsv").exists()
     assert not json.loads((report_dir / "report.json").read_text())["lesion_source"]["unbalanced"]
 
 
@@ -116,12 +117,25 @@ def test_unbalanced_lesion_sources_are_flagged(small_run, tmp_path):
         "NMOSD": {"given": 0, "segmented": n},
         "MS": {"given": m, "segmented": 0},
     }
+    pred = _tsv(run / "results" / "predictions.tsv")
+    meta["cohort"]["segmented"] = sorted(
+        set(pred.loc[pred["diagnosis"] == "NMOSD", "participant_id"])
+    )
     (run / "run.json").write_text(json.dumps(meta))
     page = build_report(run).read_text()
     assert 'class="warn"' in page and "NMOSD 100%, MS 0%" in page
     summary = json.loads((run / "report" / "report.json").read_text())["lesion_source"]
     assert summary["unbalanced"]
     assert summary["fisher_p"] == pytest.approx(stats.fisher_exact([[n, 0], [0, m]]).pvalue)
+    # performance within each source, recomputed from the held-out predictions
+    within = _tsv(run / "report" / "lesion_source.tsv").set_index(["model", "lesion_source"])
+    assert 'id="lesion_source"' in page
+    for model, g in pred.groupby("model"):
+        nmosd = g[g["diagnosis"] == "NMOSD"]
+        row = within.loc[(model, "segmented")]
+        assert row["n_nmosd"] == n and row["n_ms"] == 0 and np.isnan(row["specificity"])
+        assert row["sensitivity"] == pytest.approx((nmosd["prob_nmosd"] >= 0.5).mean())
+        assert within.loc[(model, "given"), "n_ms"] == m
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

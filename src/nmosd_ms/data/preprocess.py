@@ -304,17 +304,20 @@ class PreparedCohort:
         return {lab: int(sum(d == lab for d in self.diagnoses)) for lab in LABELS}
 
     @property
+    def segmented_ids(self) -> list[str]:
+        """Subjects whose lesion image was segmented here (``--segment-missing``)."""
+        if "lesion_source" not in self.index:
+            return []
+        return list(self.index.loc[self.index["lesion_source"] == "segmented", "participant_id"])
+
+    @property
     def lesion_sources(self) -> dict[str, dict[str, int]]:
         """Per diagnosis, how many lesion images were given and how many segmented here."""
-        source = self.index.get("lesion_source", pd.Series("given", index=self.index.index))
-        source = source.replace("", "given").fillna("given")
-        return {
-            lab: {
-                kind: int(((self.index["diagnosis"] == lab) & (source == kind)).sum())
-                for kind in ("given", "segmented")
-            }
-            for lab in LABELS
-        }
+        segmented = set(self.segmented_ids)
+        table = {lab: {"given": 0, "segmented": 0} for lab in LABELS}
+        for pid, dx in zip(self.ids, self.diagnoses, strict=True):
+            table[dx]["segmented" if pid in segmented else "given"] += 1
+        return table
 
     def features(self) -> pd.DataFrame:
         feats = read_tsv(self.path / "features.tsv").set_index("participant_id")

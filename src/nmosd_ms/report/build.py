@@ -16,6 +16,7 @@ from .. import __version__
 from ..io import atomic_dir, write_json, write_text, write_tsv
 from . import figures
 from .tables import (
+    by_lesion_source,
     chance_level,
     comparisons,
     comparisons_display,
@@ -50,23 +51,32 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _lesion_source_html(sources: dict | None) -> str:
+def _lesion_source_html(sources: dict | None, within: pd.DataFrame) -> str:
     if sources is None:
         return ""
+    table = ""
+    if len(within):
+        shown = within.copy()
+        for col in ("accuracy", "sensitivity", "specificity"):
+            shown[col] = shown[col].map(lambda v: "–" if v != v else f"{v:.3f}")
+        table = (
+            '<p class="note">Held-out performance within each lesion source, pooled over all '
+            "repeats (lesion_source.tsv):</p>" + _table_html(shown, "lesion_source")
+        )
     c = sources["counts"]
     line = (
         f"<b>Lesion maps:</b> NMOSD {c['NMOSD']['given']} given, {c['NMOSD']['segmented']} "
         f"segmented by nmosd-ms; MS {c['MS']['given']} given, {c['MS']['segmented']} segmented."
     )
     if not sources["unbalanced"]:
-        return f"<p>{line}</p>"
+        return f"<p>{line}</p>{table}"
     share = sources["segmented_share"]
     return (
         f'<p class="warn">{line} <b>The share of automatically segmented maps differs between '
         f"the classes</b> (NMOSD {share['NMOSD']:.0%}, MS {share['MS']:.0%}; Fisher's exact "
         f"p = {sources['fisher_p']:.3g}): a model can learn the segmentation method instead of "
         "the disease. Prefer the same lesion source for every subject, or check that the "
-        "results hold within each source.</p>"
+        "results hold within each source.</p>" + table
     )
 
 
@@ -128,7 +138,9 @@ def _write(run, out: Path) -> None:
     chance = chance_level(run)
     train = opts["train"]
     env = meta["environment"]
-    sources = lesion_sources(run)
+    sources, within = lesion_sources(run), by_lesion_source(run)
+    if len(within):
+        write_tsv(out / "lesion_source.tsv", within)
     always_wrong = subjects[subjects["always_wrong"]].groupby("model")["participant_id"].apply(list)
     summary = {
         "tool": "nmosd-ms report",
@@ -176,7 +188,7 @@ precision {train["precision"]}. NMOSD is the positive class (sensitivity = NMOSD
 specificity = MS recall).<br>
 <b>Device:</b> {html.escape(env["device"])} ({html.escape(str(env.get("device_name", "")))},
 {env.get("cpu_count")} CPUs, torch {html.escape(env["torch"])}).</p>
-{_lesion_source_html(sources)}
+{_lesion_source_html(sources, within)}
 <h2>Table 2 — performance</h2>
 <p class="note">mean ± SD over repeats (each repeat pools its folds' held-out predictions) [95 %
 CI from the corrected resampled t distribution over folds]. With one repeat the SD is undefined.</p>
@@ -195,7 +207,7 @@ after a larger one inherits that peak).</p>
 {"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figs)}
 <h3>Subjects misclassified in every repeat</h3><ul>{wrong_lines}</ul>
 <p class="note">Files: table2.tsv/.md, table3.tsv/.md, comparisons.tsv/.md, subjects.tsv,
-report.json, figures/*.png and *.svg.</p>
+{"lesion_source.tsv, " if len(within) else ""}report.json, figures/*.png and *.svg.</p>
 </body></html>
 """
     write_text(out / "index.html", page)
@@ -204,7 +216,9 @@ report.json, figures/*.png and *.svg.</p>
         (
             "# nmosd-ms report\n\n`index.html` is self-contained (figures embedded). Tables: "
             "`table2` (performance), `comparisons` (corrected resampled t-tests, Holm), `table3` "
-            "(complexity), `subjects` (per-subject mean probabilities). `report.json` summarises "
-            "the cohort, protocol and device. Figures in `figures/` as PNG and SVG.\n"
+            "(complexity), `subjects` (per-subject mean probabilities), `lesion_source` (when "
+            "some lesion maps were segmented by nmosd-ms: performance within each source). "
+            "`report.json` summarises the cohort (with how its lesion maps were obtained), "
+            "protocol and device. Figures in `figures/` as PNG and SVG.\n"
         ),
     )

@@ -81,6 +81,42 @@ def lesion_sources(run: Run) -> dict | None:
     }
 
 
+def by_lesion_source(run: Run) -> pd.DataFrame:
+    """Held-out performance within each lesion source (given / segmented), pooled over all
+    repeats' folds: does the result hold when the source is fixed? Empty when every map was
+    given, or for runs written before cv recorded the segmented subjects."""
+    segmented = set(run.meta["cohort"].get("segmented") or [])
+    if not segmented:
+        return pd.DataFrame()
+    p = run.predictions.assign(
+        source=np.where(run.predictions["participant_id"].isin(segmented), "segmented", "given"),
+        nmosd=lambda d: d["diagnosis"] == "NMOSD",
+        correct=lambda d: (d["prob_nmosd"] >= 0.5) == (d["diagnosis"] == "NMOSD"),
+    )
+    rows = []
+    for (model, source), g in p.groupby(["model", "source"], sort=False):
+        pos, neg = g[g["nmosd"]], g[~g["nmosd"]]
+        rows.append(
+            {
+                "model": model,
+                "lesion_source": source,
+                "n_nmosd": pos["participant_id"].nunique(),
+                "n_ms": neg["participant_id"].nunique(),
+                "accuracy": float(g["correct"].mean()),
+                "sensitivity": float(pos["correct"].mean()) if len(pos) else math.nan,
+                "specificity": float(neg["correct"].mean()) if len(neg) else math.nan,
+            }
+        )
+    order = {m: i for i, m in enumerate(run.models)}
+    return (
+        pd.DataFrame(rows)
+        .sort_values(
+            ["model", "lesion_source"], key=lambda c: c.map(order) if c.name == "model" else c
+        )
+        .reset_index(drop=True)
+    )
+
+
 def repeat_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     """Metrics per (model, repeat), pooling the held-out predictions of that repeat's folds."""
     rows = []

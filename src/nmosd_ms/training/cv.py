@@ -437,6 +437,7 @@ def run_cv(
             "path": str(Path(cache_dir).resolve()),
             "counts": cohort.counts,
             "lesion_source": cohort.lesion_sources,
+            "segmented": cohort.segmented_ids,
         },
         "executor": {
             "name": executor,
