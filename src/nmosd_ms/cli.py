@@ -513,6 +513,12 @@ def segment(
             "are expected",
         ),
     ] = True,
+    working_mm: Annotated[
+        float,
+        typer.Option(
+            help="scans with voxels under half this cube are box-averaged to it first (0: never)"
+        ),
+    ] = 1.0,
 ):
     """Segment white-matter hyperintensities from a FLAIR (same grid and affine as the input)."""
     import numpy as np
@@ -522,9 +528,16 @@ def segment(
 
     if out_path.exists():
         raise NmosdError(f"--out {out_path} exists; it is never overwritten")
-    if not (0 < low <= high and background > 0 and csf_margin >= 0 and min_volume >= 0):
+    if not (
+        0 < low <= high
+        and background > 0
+        and csf_margin >= 0
+        and min_volume >= 0
+        and working_mm >= 0
+    ):
         raise NmosdError(
-            "need 0 < --low <= --high, --background > 0, --csf-margin >= 0, --min-volume >= 0"
+            "need 0 < --low <= --high, --background > 0, --csf-margin >= 0, --min-volume >= 0, "
+            "--working-mm >= 0"
         )
     img = nifti.load(flair, "FLAIR")
     brain = None
@@ -542,6 +555,7 @@ def segment(
         background_mm=background,
         csf_margin_mm=csf_margin,
         drop_symmetric=drop_symmetric,
+        working_mm=working_mm,
     )
     mask = segment_wmh(img.data, img.zooms, brain, params)
     nifti.save(out_path, mask.astype(np.uint8), img.affine)
