@@ -71,7 +71,7 @@ def _montage(path: Path, subject, prepared, sal_native: np.ndarray, affine: np.n
     lesion_c = None
     if subject.lesion_mask is not None:
         lesion_c = to_canonical(nifti.load(subject.lesion_mask).data, affine)[0] > 0
-    elif prepared.segmentation is not None:  # a FLAIR alone: the WMH segmentation made for it
+    elif prepared.segmentation_bits is not None:  # a FLAIR alone: the WMH mask made for it
         lesion_c = to_canonical(prepared.segmentation, affine)[0] > 0
     rec = prepared.record
     zs = np.linspace(rec.box_lo[2], rec.box_hi[2] - 1, 14)[1:-1].round().astype(int)

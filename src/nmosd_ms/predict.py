@@ -356,7 +356,7 @@ def predict_subjects(
                 "predicted": "NMOSD" if mean >= 0.5 else "MS",
                 "lesion_source": prep.row["lesion_source"],
                 "segmentation": f"{s.participant_id}_wmh.nii.gz"
-                if prep.segmentation is not None
+                if prep.segmentation_bits is not None
                 else "",
                 "fold_spread": float(probs.std(ddof=1)) if len(probs) > 1 else math.nan,
                 "fold_min": float(probs.min()),
@@ -388,7 +388,7 @@ def predict_subjects(
             },
         )
         for s, prep in zip(subjects, prepared, strict=True):
-            if prep.segmentation is not None:  # what the model saw, for review
+            if prep.segmentation_bits is not None:  # what the model saw, for review
                 prep.save_segmentation(out / f"{s.participant_id}_wmh.nii.gz")
         if saliency:
             from .interpret import save_saliency

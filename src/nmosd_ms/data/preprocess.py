@@ -45,17 +45,21 @@ class PreparedSubject:
     row: dict
     features: dict
     record: SpatialRecord
-    segmentation: np.ndarray | None = None  # WMH mask on the FLAIR's grid, when segmented here
+    segmentation_bits: np.ndarray | None = None  # WMH mask made here, 1 bit per voxel
+
+    @property
+    def segmentation(self) -> np.ndarray | None:
+        """The WMH mask made for this subject (``--segment-missing``), on its FLAIR's grid."""
+        if self.segmentation_bits is None:
+            return None
+        shape = self.record.source_shape
+        bits = np.unpackbits(self.segmentation_bits, count=int(np.prod(shape)))
+        return bits.reshape(shape).astype(bool)
 
     def save_segmentation(self, path: Path) -> None:
-        """The WMH mask made for this subject, on its FLAIR's grid and affine."""
-        _save_mask(path, self.segmentation, self.record)
-
-
-def _save_mask(path: Path, mask: np.ndarray, record: SpatialRecord) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nifti.save(path, mask.reshape(record.source_shape).astype(np.uint8), record.affine)
+        """Write the WMH mask made for this subject, on its FLAIR's grid and affine."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        nifti.save(path, self.segmentation.astype(np.uint8), self.record.affine)
 
 
 def _normalise_flair(flair: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
@@ -95,7 +99,7 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         )
         lesion = nifti.Image(seg.astype(np.float32), flair.affine, None)
         lesion_source = "segmented"
-    segmentation = seg if lesion_source == "segmented" else None
+    bits = np.packbits(seg) if lesion_source == "segmented" else None  # seg: FLAIR's grid
 
     affine = ref.affine
     lesion_c, canon_affine = to_canonical(lesion.data, affine)
@@ -142,7 +146,7 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         "lesion_mask": str(subject.lesion_mask or ""),
         "brain_mask": str(subject.brain_mask or ""),
     }
-    return PreparedSubject(array, row, feats, record, segmentation)
+    return PreparedSubject(array, row, feats, record, bits)
 
 
 def _source_hashes(subject: Subject) -> dict[str, str]:
@@ -211,14 +215,8 @@ def prepare(
     if progress:
         progress(done, len(cohort))
 
-    packed: dict[str, np.ndarray] = {}  # segmentations held 1 bit per voxel until written
-
     def work(s: Subject) -> tuple[str, PreparedSubject]:
-        res = prepare_subject(s, config)
-        if res.segmentation is not None:
-            packed[s.participant_id] = np.packbits(res.segmentation)
-            res.segmentation = None
-        return s.participant_id, res
+        return s.participant_id, prepare_subject(s, config)
 
     # Threads suffice: gzip, numpy and torch release the GIL. One worker runs in order.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -237,11 +235,9 @@ def prepare(
             r = results[pid]
             save_npy(out / r.row["array"], r.array)
             seg_file = ""
-            if pid in packed:
+            if r.segmentation_bits is not None:
                 seg_file = f"segmentations/{pid}_wmh.nii.gz"
-                n_voxels = int(np.prod(r.record.source_shape))
-                bits = np.unpackbits(packed.pop(pid), count=n_voxels)
-                _save_mask(out / seg_file, bits, r.record)
+                r.save_segmentation(out / seg_file)
             rows.append({**r.row, "segmentation": seg_file, **hashes[pid]})
             feature_rows.append({"participant_id": pid, "diagnosis": s.diagnosis, **r.features})
             records[pid] = r.record.to_json()
