@@ -19,6 +19,7 @@ from nmosd_ms.config import CVConfig, PrepareConfig, TrainConfig
 from nmosd_ms.data.ingest import load_manifest
 from nmosd_ms.data.preprocess import prepare
 from nmosd_ms.evaluation.metrics import binary_metrics
+from nmosd_ms.models import get_spec
 from nmosd_ms.training.cv import DETERMINISTIC_COLUMNS, run_cv
 
 _cfg = small_cv_config
@@ -160,6 +161,7 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, prepared_small
 
 
 def test_dask_executor_matches_local(reference_run, prepared_small, tmp_path):
+    reports = []
     run_cv(
         prepared_small,
         tmp_path / "dask",
@@ -168,10 +170,16 @@ def test_dask_executor_matches_local(reference_run, prepared_small, tmp_path):
         executor="dask",
         workers=2,
         threads=1,
+        progress=lambda done, total, label=None: reports.append((done, total, label)),
     )
     a = _tsv(reference_run / "results/folds.tsv")[DETERMINISTIC_COLUMNS]
     b = _tsv(tmp_path / "dask/results/folds.tsv")[DETERMINISTIC_COLUMNS]
     pd.testing.assert_frame_equal(a, b)
+    # progress by epoch from the workers (Dask worker events), as with the local executor
+    torch_folds = sum(get_spec(m).is_torch for m in b["model"])
+    epochs = {lab for _, _, lab in reports if lab and " epoch " in lab}
+    assert len(epochs) == torch_folds * EPOCHS
+    assert reports[-1][0] == reports[-1][1] == len(a)
 
 
 def test_learnable_task_is_learned(tmp_path):

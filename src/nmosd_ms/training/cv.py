@@ -158,6 +158,22 @@ def run_fold_task(
         torch.set_num_threads(previous)
 
 
+class DaskEpochEvents:
+    """``on_epoch`` for a fold running on a Dask worker: each finished epoch becomes a worker
+    event on ``TOPIC``, which the client receives (``Client.subscribe_topic``) to show progress
+    by epoch, as the local executor does. Picklable, so it travels with the task."""
+
+    TOPIC = "nmosd-ms-epoch"
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __call__(self, epoch: int, epochs: int) -> None:
+        from distributed import get_worker
+
+        get_worker().log_event(self.TOPIC, {"fold": self.label, "epoch": epoch, "epochs": epochs})
+
+
 def _run_fold(task, volumes, labels, features, train, device, on_epoch=None) -> FoldOutput:
     if get_spec(task.model).is_torch:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -493,7 +509,7 @@ def run_cv(
             last_tables = time.monotonic()
         done += 1
         if progress:
-            progress(done, total, f"{task.model} r{task.repeat} f{task.fold}")
+            progress(done, total, _label(task))
 
     empty = np.zeros((0,), dtype=np.float32)
     if executor == "local":
@@ -502,7 +518,7 @@ def run_cv(
 
             def on_epoch(epoch: int, epochs: int, t=t) -> None:
                 if progress:
-                    progress(done, total, f"{t.model} r{t.repeat} f{t.fold} epoch {epoch}/{epochs}")
+                    progress(done, total, f"{_label(t)} epoch {epoch}/{epochs}")
 
             out = run_fold_task(
                 t, vols, labels, features, config.train, str(dev), threads, on_epoch
@@ -521,6 +537,9 @@ def run_cv(
             workers,
             per_worker,
             finish,
+            (lambda label, e, n: progress(done, total, f"{label} epoch {e}/{n}"))
+            if progress
+            else None,
         )
     store.aggregate(all_models)
     meta["finished"] = _now()
@@ -528,8 +547,15 @@ def run_cv(
     return meta
 
 
-def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers, threads, finish):
-    """One Dask task per fold; the cohort is scattered once; the client writes the results."""
+def _label(task: FoldTask) -> str:
+    return f"{task.model} r{task.repeat} f{task.fold}"
+
+
+def _run_dask(
+    todo, volumes, labels, features, train, device, scheduler, workers, threads, finish, on_epoch
+):
+    """One Dask task per fold; the cohort is scattered once; the client writes the results.
+    ``on_epoch(label, epoch, epochs)`` hears each finished epoch of every running fold."""
     from dask.distributed import Client, LocalCluster, as_completed
 
     if scheduler:
@@ -550,6 +576,12 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
             )
         client = Client(cluster)
     try:
+        if on_epoch is not None:
+            # called on the client's event-loop thread, once per epoch of any running fold
+            client.subscribe_topic(
+                DaskEpochEvents.TOPIC,
+                lambda event: on_epoch(event[1]["fold"], event[1]["epoch"], event[1]["epochs"]),
+            )
         scattered = {s: client.scatter(v, broadcast=True) for s, v in volumes.items()}
         empty = client.scatter(np.zeros((0,), dtype=np.float32), broadcast=True)
         futures = {}
@@ -564,6 +596,7 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
                 train,
                 device,
                 threads,
+                DaskEpochEvents(_label(t)) if on_epoch is not None else None,
                 pure=False,
                 key=f"fold-{t.model}-{t.repeat}-{t.fold}",
             )
@@ -575,6 +608,8 @@ def _run_dask(todo, volumes, labels, features, train, device, scheduler, workers
             finish(futures.pop(fut), fut.result())
             fut.release()
     finally:
+        if on_epoch is not None:
+            client.unsubscribe_topic(DaskEpochEvents.TOPIC)
         client.close()
         if cluster is not None:
             cluster.close()
