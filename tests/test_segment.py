@@ -197,3 +197,32 @@ def test_fine_scans_are_segmented_at_the_working_spacing(phantom_cohort):
     got = segment_wmh(fine, (1.0, 1.0, 1.0), params=WMHParams(working_mm=2.0))
     assert got.shape == fine.shape
     assert np.array_equal(got, expected.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
+def test_segment_qc_png(phantom_cohort, tmp_path):
+    flair = sorted(phantom_cohort.glob("sub-*/anat/*_FLAIR.nii.gz"))[0]
+    out, qc = tmp_path / "m.nii.gz", tmp_path / "qc.png"
+    res = run_cli("segment", "--flair", flair, "--out", out, "--qc", qc)
+    assert res.exit_code == 0, res.stderr
+    assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and qc.stat().st_size > 10_000
+    # an existing or non-PNG --qc is refused before anything is written
+    for bad in (qc, tmp_path / "qc.jpg"):
+        out2 = tmp_path / "m2.nii.gz"
+        res = run_cli("segment", "--flair", flair, "--out", out2, "--qc", bad)
+        assert_user_error(res, "--qc")
+        assert not out2.exists() and not (tmp_path / "qc.jpg").exists()
+
+
+def test_qc_slices_show_every_lesion_slice():
+    from nmosd_ms.viz import lesion_slices
+
+    extent = np.zeros((8, 8, 40), bool)
+    extent[..., 10:30] = True
+    mask = np.zeros_like(extent)
+    mask[2, 2, [12, 27]] = True
+    zs = lesion_slices(mask, extent, n=6)
+    assert len(zs) == 6 and {12, 27} <= set(zs) and all(10 <= z < 30 for z in zs)
+    mask[:, :, 10:30] = True
+    mask[:4, :, 15] = False  # the fullest slices win when there are more than n
+    zs = lesion_slices(mask, extent, n=6)
+    assert len(zs) == 6 and 15 not in zs

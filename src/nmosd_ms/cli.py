@@ -519,6 +519,10 @@ def segment(
             help="scans with voxels under half this cube are box-averaged to it first (0: never)"
         ),
     ] = 1.0,
+    qc: Annotated[
+        Path | None,
+        typer.Option(help="also write a PNG of axial slices with the WMH outline, for review"),
+    ] = None,
 ):
     """Segment white-matter hyperintensities from a FLAIR (same grid and affine as the input)."""
     import numpy as np
@@ -528,6 +532,8 @@ def segment(
 
     if out_path.exists():
         raise NmosdError(f"--out {out_path} exists; it is never overwritten")
+    if qc is not None and (qc.exists() or qc.suffix.lower() != ".png"):
+        raise NmosdError(f"--qc {qc}: give a new .png path (it is never overwritten)")
     if not (
         0 < low <= high
         and background > 0
@@ -559,6 +565,15 @@ def segment(
     )
     mask = segment_wmh(img.data, img.zooms, brain, params)
     nifti.save(out_path, mask.astype(np.uint8), img.affine)
+    if qc is not None:
+        from .data.spatial import to_canonical
+        from .viz import axial_montage, lesion_slices
+
+        flair_c = to_canonical(img.data, img.affine)[0]
+        mask_c = to_canonical(mask, img.affine)[0]
+        title = f"{flair.name}: WMH segmentation (red outline), {mask.sum() * img.voxel_ml:.2f} ml"
+        zs = lesion_slices(mask_c, flair_c > 0)
+        axial_montage(qc, flair_c, zs, title, outline=mask_c, outline_color="red")
     out.print(f"{int(mask.sum())} voxels ({mask.sum() * img.voxel_ml:.2f} ml) -> {out_path}")
 
 

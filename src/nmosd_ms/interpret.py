@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+import torch
+from monai.visualize import OcclusionSensitivity
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from monai.visualize import OcclusionSensitivity  # noqa: E402
-
-from .data import nifti  # noqa: E402
-from .data.spatial import to_canonical, to_native  # noqa: E402
-from .io import atomic_path  # noqa: E402
+from .data import nifti
+from .data.spatial import to_canonical, to_native
+from .io import atomic_path
+from .viz import axial_montage
 
 
 @torch.no_grad()
@@ -65,8 +62,7 @@ def _montage(path: Path, subject, prepared, sal_native: np.ndarray, affine: np.n
     """Axial slices (canonical RAS) of the FLAIR (or the lesion mask) with the map and the
     lesion outline."""
     base_path = subject.flair or subject.lesion_mask
-    base = nifti.load(base_path).data
-    base_c, _ = to_canonical(base, affine)
+    base_c, _ = to_canonical(nifti.load(base_path).data, affine)
     sal_c, _ = to_canonical(sal_native, affine)
     lesion_c = None
     if subject.lesion_mask is not None:
@@ -75,36 +71,11 @@ def _montage(path: Path, subject, prepared, sal_native: np.ndarray, affine: np.n
         lesion_c = to_canonical(prepared.segmentation, affine)[0] > 0
     rec = prepared.record
     zs = np.linspace(rec.box_lo[2], rec.box_hi[2] - 1, 14)[1:-1].round().astype(int)
-    lim = float(np.abs(sal_c).max()) or 1.0
-    fig, axes = plt.subplots(2, 6, figsize=(15, 5.6))
-    for ax, z in zip(axes.ravel(), zs, strict=True):
-        ax.imshow(base_c[:, :, z].T, origin="lower", cmap="gray")
-        ax.imshow(
-            np.ma.masked_where(np.abs(sal_c[:, :, z]) < 0.05 * lim, sal_c[:, :, z]).T,
-            origin="lower",
-            cmap="coolwarm",
-            vmin=-lim,
-            vmax=lim,
-            alpha=0.6,
-        )
-        if lesion_c is not None and lesion_c[:, :, z].any():
-            ax.contour(
-                lesion_c[:, :, z].T.astype(float),
-                levels=[0.5],
-                colors="yellow",
-                linewidths=0.6,
-                origin="lower",
-            )
-        ax.set_title(f"z = {z}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(
+    title = (
         f"{subject.participant_id}: occlusion saliency (red → NMOSD, blue → MS), "
-        "lesion outline in yellow; axial slices, neurological view (patient's right on the right)",
-        fontsize=10,
+        "lesion outline in yellow"
     )
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
-    plt.close(fig)
+    axial_montage(path, base_c, zs, title, overlay=sal_c, outline=lesion_c)
 
 
 __all__ = ["occlusion_map", "save_saliency"]

@@ -1,0 +1,81 @@
+"""Axial montages for review: a FLAIR (or mask) with an optional signed overlay and an outline.
+
+Used by ``predict --saliency`` (saliency over the FLAIR, lesion outline) and ``segment --qc``
+(the WMH outline over the FLAIR). Images are canonical RAS arrays; slices are shown in the
+neurological view (the patient's right on the right).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .io import atomic_path  # noqa: E402
+
+
+def axial_montage(
+    path: Path,
+    base: np.ndarray,
+    zs,
+    title: str,
+    overlay: np.ndarray | None = None,
+    outline: np.ndarray | None = None,
+    outline_color: str = "yellow",
+) -> None:
+    """Twelve (or fewer) axial slices ``zs`` of ``base``; ``overlay`` is drawn in coolwarm,
+    symmetric about 0, hiding values under 5 % of its largest magnitude."""
+    zs = list(zs)[:12]
+    lim = 1.0
+    if overlay is not None:
+        lim = float(np.abs(overlay).max()) or 1.0
+    # one grey scale for every slice: 0 (or the minimum) to the 99.5th percentile of the image
+    vmin = min(float(base.min()), 0.0)
+    vmax = float(np.percentile(base[base > 0], 99.5)) if (base > 0).any() else None
+    fig, axes = plt.subplots(2, 6, figsize=(15, 5.6))
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, z in zip(axes.ravel(), zs, strict=False):
+        ax.imshow(base[:, :, z].T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax)
+        if overlay is not None:
+            ax.imshow(
+                np.ma.masked_where(np.abs(overlay[:, :, z]) < 0.05 * lim, overlay[:, :, z]).T,
+                origin="lower",
+                cmap="coolwarm",
+                vmin=-lim,
+                vmax=lim,
+                alpha=0.6,
+            )
+        if outline is not None and outline[:, :, z].any():
+            ax.contour(
+                outline[:, :, z].T.astype(float),
+                levels=[0.5],
+                colors=outline_color,
+                linewidths=0.6,
+                origin="lower",
+            )
+        ax.set_title(f"z = {z}", fontsize=8)
+    fig.suptitle(
+        title + "; axial slices, neurological view (patient's right on the right)", fontsize=10
+    )
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def lesion_slices(mask: np.ndarray, extent: np.ndarray, n: int = 12) -> list[int]:
+    """``n`` axial slices: every slice holding ``mask`` voxels (the fullest ``n`` if there are
+    more), topped up with slices spread evenly over ``extent`` (e.g. the brain)."""
+    per_slice = mask.sum(axis=(0, 1))
+    with_mask = np.flatnonzero(per_slice)
+    if with_mask.size >= n:
+        return sorted(int(z) for z in with_mask[np.argsort(-per_slice[with_mask])[:n]])
+    zs = np.flatnonzero(extent.any(axis=(0, 1)))
+    lo, hi = (zs[0], zs[-1]) if zs.size else (0, mask.shape[2] - 1)
+    spread = np.linspace(lo, hi, n + 2)[1:-1].round().astype(int)
+    chosen = list(dict.fromkeys([*with_mask.tolist(), *spread.tolist()]))[:n]
+    return sorted(int(z) for z in chosen)
