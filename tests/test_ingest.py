@@ -148,12 +148,12 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     files = dict(zip(index["participant_id"], index["segmentation"].fillna(""), strict=True))
     assert files["sub-02"] == "segmentations/sub-02_wmh.nii.gz" and files["sub-00"] == ""
     params = json.loads((tmp_path / "cache" / "prepare.json").read_text())["params"]
-    assert params["segment_missing"] and params["segment_drop_symmetric"]
-    # --keep-symmetric is a different preprocessing: every subject is prepared again, and recorded
-    result = _prepare(tmp_path, manifest, "--segment-missing", "--keep-symmetric")
+    assert params["segment_missing"] and not params["segment_drop_symmetric"]  # off in prepare
+    # --drop-symmetric is a different preprocessing: every subject is prepared again, and recorded
+    result = _prepare(tmp_path, manifest, "--segment-missing", "--drop-symmetric")
     assert result.exit_code == 0, result.stderr
     summary = json.loads((tmp_path / "cache" / "prepare.json").read_text())
-    assert summary["reused"] == 0 and not summary["params"]["segment_drop_symmetric"]
+    assert summary["reused"] == 0 and summary["params"]["segment_drop_symmetric"]
 
 
 def test_bids_subject_without_mask_points_to_segment_missing(phantom_cohort, tmp_path):
@@ -172,7 +172,8 @@ def test_bids_subject_without_mask_points_to_segment_missing(phantom_cohort, tmp
 
 def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):
     """A phantom FLAIR given without its mask: the cache holds the WMH mask prepare made, on the
-    FLAIR's grid; it is the lesion image that was used and what `nmosd-ms segment` gives."""
+    FLAIR's grid; it is the lesion image that was used and what `nmosd-ms segment
+    --keep-symmetric` gives (prepare's default)."""
     subjects = load_bids(phantom_cohort).subjects
     s = next(x for x in subjects if nib.load(x.lesion_mask).get_fdata().sum() > 50)
     manifest = tmp_path / "m.tsv"
@@ -187,7 +188,8 @@ def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):
     seg = nib.load(cache / row["segmentation"])
     assert np.allclose(seg.affine, nib.load(s.flair).affine)
     assert int(np.asarray(seg.dataobj).sum()) == row["lesion_voxels"] > 0
-    assert run_cli("segment", "--flair", s.flair, "--out", tmp_path / "s.nii.gz").exit_code == 0
+    args = ("--flair", s.flair, "--out", tmp_path / "s.nii.gz", "--keep-symmetric")
+    assert run_cli("segment", *args).exit_code == 0  # prepare keeps symmetric lesions
     alone = np.asarray(nib.load(tmp_path / "s.nii.gz").dataobj)
     assert np.array_equal(np.asarray(seg.dataobj), alone)
 

@@ -140,7 +140,9 @@ def test_flair_alone_is_segmented_then_predicted(bundle_dir, phantom_cohort, tmp
     # the segmentation the model saw is written, and it is what `nmosd-ms segment` gives
     assert pred.loc[0, "segmentation"] == "p1_wmh.nii.gz"
     seen = nib.load(tmp_path / "o" / "p1_wmh.nii.gz")
-    assert run_cli("segment", "--flair", flair, "--out", tmp_path / "s.nii.gz").exit_code == 0
+    # the bundle's preprocessing is prepare's: symmetric lesions kept
+    args = ("--flair", flair, "--out", tmp_path / "s.nii.gz", "--keep-symmetric")
+    assert run_cli("segment", *args).exit_code == 0
     alone = nib.load(tmp_path / "s.nii.gz")
     assert np.allclose(seen.affine, nib.load(flair).affine)
     assert np.array_equal(np.asarray(seen.dataobj), np.asarray(alone.dataobj))

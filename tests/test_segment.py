@@ -14,6 +14,7 @@ import pytest
 from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 
+from nmosd_ms.config import PrepareConfig
 from nmosd_ms.data.spatial import to_canonical
 from nmosd_ms.segment import segment_wmh
 from nmosd_ms.segment.wmh import WMHParams
@@ -226,3 +227,28 @@ def test_qc_slices_show_every_lesion_slice():
     mask[:4, :, 15] = False  # the fullest slices win when there are more than n
     zs = lesion_slices(mask, extent, n=6)
     assert len(zs) == 6 and 15 not in zs
+
+
+def test_bilateral_cst_lesions_are_kept_by_prepare_but_not_by_segment():
+    """The documented limit of the symmetry step, on a phantom with NMOSD-typical corticospinal
+    lesions on both sides (1.7 ml a side): `segment`'s default drops the pair, --keep-symmetric
+    (prepare's default) keeps it."""
+    from nmosd_ms.phantom.anatomy import CST_PATH_RIGHT, load_anatomy, mirror
+    from nmosd_ms.phantom.generate import synth_flair
+    from nmosd_ms.phantom.lesions import paint_tube
+
+    anat = load_anatomy(2)
+    lesion = np.zeros(anat.shape, bool)
+    for path, seed in ((CST_PATH_RIGHT, 0), (mirror(CST_PATH_RIGHT), 1)):
+        paint_tube(lesion, anat, path, 3.0, np.random.default_rng(seed), 0.25, 0.65)
+    lesion &= anat.brain & ~anat.lat_vent
+    assert 2.0 < lesion.sum() * np.prod(anat.zooms) / 1000 < 4.0
+    flair = synth_flair(anat, lesion, np.random.default_rng(2))
+    kept = segment_wmh(flair, anat.zooms, params=WMHParams(drop_symmetric=False))
+    dropped = segment_wmh(flair, anat.zooms)
+    recall = (kept & lesion).sum() / lesion.sum(), (dropped & lesion).sum() / lesion.sum()
+    print(
+        f"bilateral CST lesion recall: kept {recall[0]:.2f}, with the symmetry step {recall[1]:.2f}"
+    )
+    assert recall[0] > 0.9 and recall[1] < 0.1
+    assert not PrepareConfig().segment_drop_symmetric

@@ -160,9 +160,10 @@ def prepare(
         bool,
         typer.Option(
             "--drop-symmetric/--keep-symmetric",
-            help="with --segment-missing: as in nmosd-ms segment",
+            help="with --segment-missing: as in nmosd-ms segment, but off by default here "
+            "(it would also drop small bilateral lesions, e.g. NMOSD's corticospinal ones)",
         ),
-    ] = True,
+    ] = False,
     workers: Annotated[int, typer.Option(min=1, help="subjects processed in parallel")] = 1,
 ):
     """Crop, reorient and resize a cohort into model-ready S³ volumes."""

@@ -35,10 +35,12 @@ class PrepareConfig(_Options):
         False, description="segment WMH from the FLAIR when a subject has no lesion mask"
     )
     segment_drop_symmetric: bool = Field(
-        True,
+        False,
         description=(
             "when segmenting, drop lesions whose mirror image across the mid-sagittal plane is as "
-            "bright (normal FLAIR-bright anatomy); False keeps small bilateral symmetric lesions"
+            "bright (normal FLAIR-bright anatomy). Off here, unlike `nmosd-ms segment`: it also "
+            "drops bilateral symmetric lesions under 2 ml a side (bilateral corticospinal-tract "
+            "lesions, typical of NMOSD), which would bias the classifier's input by class"
         ),
     )
     min_lesion_voxels: int = Field(
