@@ -96,6 +96,32 @@ def test_predict_cli_and_saliency_on_native_scan(bundle_dir, tmp_path):
     assert (out / "subject_saliency.png").stat().st_size > 10_000
 
 
+def test_occlusion_map_is_exact_on_a_model_that_sums_its_input():
+    """Occluding cubes that hold no signal changes nothing, so the map is exactly 0 there; over
+    the one bright voxel it is (nearly) the full drop in the log-odds of NMOSD."""
+    import torch
+
+    from nmosd_ms.interpret import occlusion_map
+
+    class Sum(torch.nn.Module):
+        def forward(self, x):
+            s = x.flatten(1).sum(1, keepdim=True)
+            return torch.cat([-s, s], 1)
+
+    volume = np.zeros((40, 40, 40), np.float32)
+    volume[20, 20, 20] = 1.0
+    sal = occlusion_map([Sum()], volume, mask_size=16, overlap=0.25)
+    # log-odds of NMOSD = 2 × sum: 2 intact, 0 with the bright voxel fully occluded
+    assert sal[0, 0, 0] == 0 and sal.min() == 0  # occlusion only ever lowers the sum here
+    assert 1.0 < sal[20, 20, 20] <= 2.0 + 1e-6
+    far = np.ones(volume.shape, bool)
+    far[4:37, 4:37, 4:37] = False  # no cube covering these voxels reaches the bright one
+    assert not sal[far].any()
+    # two models: the mean of their maps
+    both = occlusion_map([Sum(), Sum()], volume, mask_size=16, overlap=0.25)
+    assert np.allclose(both, sal)
+
+
 def test_predict_bad_inputs(bundle_dir, tmp_path):
     assert_user_error(run_cli("predict", bundle_dir), "nothing to predict")
     assert_user_error(

@@ -28,7 +28,7 @@ def axial_montage(
     outline_color: str = "yellow",
 ) -> None:
     """Twelve (or fewer) axial slices ``zs`` of ``base``; ``overlay`` is drawn in coolwarm,
-    symmetric about 0, hiding values under 5 % of its largest magnitude."""
+    symmetric about 0, hiding values under 20 % of its largest magnitude (a faint wash otherwise covers the box)."""
     zs = list(zs)[:12]
     lim = 1.0
     if overlay is not None:
@@ -43,7 +43,7 @@ def axial_montage(
         ax.imshow(base[:, :, z].T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax)
         if overlay is not None:
             ax.imshow(
-                np.ma.masked_where(np.abs(overlay[:, :, z]) < 0.05 * lim, overlay[:, :, z]).T,
+                np.ma.masked_where(np.abs(overlay[:, :, z]) < 0.2 * lim, overlay[:, :, z]).T,
                 origin="lower",
                 cmap="coolwarm",
                 vmin=-lim,
