@@ -186,6 +186,8 @@ def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):
     assert res.exit_code == 0, res.stderr
     row = pd.read_csv(cache / "index.tsv", sep="\t").iloc[0]
     seg = nib.load(cache / row["segmentation"])
+    png = cache / row["segmentation"].replace(".nii.gz", ".png")  # the montage for review
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert np.allclose(seg.affine, nib.load(s.flair).affine)
     assert int(np.asarray(seg.dataobj).sum()) == row["lesion_voxels"] > 0
     args = ("--flair", s.flair, "--out", tmp_path / "s.nii.gz", "--keep-symmetric")

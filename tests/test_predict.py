@@ -166,6 +166,7 @@ def test_flair_alone_is_segmented_then_predicted(bundle_dir, phantom_cohort, tmp
     # the segmentation the model saw is written, and it is what `nmosd-ms segment` gives
     assert pred.loc[0, "segmentation"] == "p1_wmh.nii.gz"
     seen = nib.load(tmp_path / "o" / "p1_wmh.nii.gz")
+    assert (tmp_path / "o" / "p1_wmh.png").stat().st_size > 10_000
     # the bundle's preprocessing is prepare's: symmetric lesions kept
     args = ("--flair", flair, "--out", tmp_path / "s.nii.gz", "--keep-symmetric")
     assert run_cli("segment", *args).exit_code == 0

@@ -388,7 +388,7 @@ def predict_subjects(
             },
         )
         for s, prep in zip(subjects, prepared, strict=True):
-            if prep.segmentation_bits is not None:  # what the model saw, for review
+            if prep.segmentation_bits is not None:  # what the model saw, for review (+ PNG)
                 prep.save_segmentation(out / f"{s.participant_id}_wmh.nii.gz")
         if saliency:
             from .interpret import save_saliency

@@ -7,28 +7,31 @@ neurological view (the patient's right on the right).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .io import atomic_path  # noqa: E402
+from .io import write_bytes
 
 
-def axial_montage(
-    path: Path,
+def axial_montage(path: Path, *args, **kwargs) -> None:
+    """:func:`montage_png` written atomically to ``path``."""
+    write_bytes(path, montage_png(*args, **kwargs))
+
+
+def montage_png(
     base: np.ndarray,
     zs,
     title: str,
     overlay: np.ndarray | None = None,
     outline: np.ndarray | None = None,
     outline_color: str = "yellow",
-) -> None:
-    """Twelve (or fewer) axial slices ``zs`` of ``base``; ``overlay`` is drawn in coolwarm,
-    symmetric about 0, hiding values under 20 % of its largest magnitude (a faint wash otherwise covers the box)."""
+) -> bytes:
+    """PNG of twelve (or fewer) axial slices ``zs`` of ``base``; ``overlay`` is drawn in
+    coolwarm, symmetric about 0, hiding values under 20 % of its largest magnitude. Uses a bare
+    matplotlib ``Figure`` (no pyplot state), so threads may draw at the same time."""
     zs = list(zs)[:12]
     lim = 1.0
     if overlay is not None:
@@ -36,7 +39,8 @@ def axial_montage(
     # one grey scale for every slice: 0 (or the minimum) to the 99.5th percentile of the image
     vmin = min(float(base.min()), 0.0)
     vmax = float(np.percentile(base[base > 0], 99.5)) if (base > 0).any() else None
-    fig, axes = plt.subplots(2, 6, figsize=(15, 5.6))
+    fig = Figure(figsize=(15, 5.6))
+    axes = fig.subplots(2, 6)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, z in zip(axes.ravel(), zs, strict=False):
@@ -62,9 +66,9 @@ def axial_montage(
     fig.suptitle(
         title + "; axial slices, neurological view (patient's right on the right)", fontsize=10
     )
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
-    plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, bbox_inches="tight", format="png")
+    return buf.getvalue()
 
 
 def lesion_slices(mask: np.ndarray, extent: np.ndarray, n: int = 12) -> list[int]:

@@ -12,7 +12,8 @@ Cache layout::
     CACHE_DIR/features.tsv    lesion-load features (nmosd_ms.data.features)
     CACHE_DIR/spatial.json    per-subject SpatialRecord for the inverse map
     CACHE_DIR/segmentations/<id>_wmh.nii.gz   the WMH mask of subjects segmented here
-                              (--segment-missing), on the FLAIR's grid, for review
+                              (--segment-missing), on the FLAIR's grid, and <id>_wmh.png, a
+                              montage of it for review
     CACHE_DIR/prepare.json    parameters, versions, cohort hash (written last)
 """
 
@@ -30,7 +31,16 @@ import pandas as pd
 from .. import LABELS, __version__
 from ..config import PrepareConfig
 from ..errors import NmosdError
-from ..io import read_json, read_tsv, save_npy, sha256_file, sha256_text, write_json, write_tsv
+from ..io import (
+    read_json,
+    read_tsv,
+    save_npy,
+    sha256_file,
+    sha256_text,
+    write_bytes,
+    write_json,
+    write_tsv,
+)
 from . import nifti
 from .features import FEATURES, lesion_features
 from .ingest import Cohort, Subject
@@ -46,6 +56,7 @@ class PreparedSubject:
     features: dict
     record: SpatialRecord
     segmentation_bits: np.ndarray | None = None  # WMH mask made here, 1 bit per voxel
+    segmentation_png: bytes | None = None  # its review montage (axial slices, outline)
 
     @property
     def segmentation(self) -> np.ndarray | None:
@@ -56,10 +67,15 @@ class PreparedSubject:
         bits = np.unpackbits(self.segmentation_bits, count=int(np.prod(shape)))
         return bits.reshape(shape).astype(bool)
 
-    def save_segmentation(self, path: Path) -> None:
-        """Write the WMH mask made for this subject, on its FLAIR's grid and affine."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    def save_segmentation(self, path: Path) -> Path:
+        """Write the WMH mask made for this subject, on its FLAIR's grid and affine, and its
+        review montage beside it (same name, ``.png``); returns the PNG's path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         nifti.save(path, self.segmentation.astype(np.uint8), self.record.affine)
+        png = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+        write_bytes(png, self.segmentation_png)
+        return png
 
 
 def _normalise_flair(flair: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
@@ -99,7 +115,9 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         )
         lesion = nifti.Image(seg.astype(np.float32), flair.affine, None)
         lesion_source = "segmented"
-    bits = np.packbits(seg) if lesion_source == "segmented" else None  # seg: FLAIR's grid
+    bits = png = None
+    if lesion_source == "segmented":
+        bits = np.packbits(seg)  # on the FLAIR's grid
 
     affine = ref.affine
     lesion_c, canon_affine = to_canonical(lesion.data, affine)
@@ -130,6 +148,15 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         box_hi=hi,
         size=(config.size,) * 3,
     )
+    if bits is not None:
+        from ..viz import lesion_slices, montage_png
+
+        title = (
+            f"{pid}: WMH segmentation by nmosd-ms (red outline), "
+            f"{lesion_c.sum() * ref.voxel_ml:.2f} ml"
+        )
+        zs = lesion_slices(lesion_c, flair_c > 0)
+        png = montage_png(flair_c, zs, title, outline=lesion_c, outline_color="red")
     zooms = np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0))
     feats = lesion_features(lesion_c, zooms, lo, hi, config.min_lesion_voxels)
     src_lo, src_hi = record.source_box()
@@ -146,7 +173,7 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         "lesion_mask": str(subject.lesion_mask or ""),
         "brain_mask": str(subject.brain_mask or ""),
     }
-    return PreparedSubject(array, row, feats, record, bits)
+    return PreparedSubject(array, row, feats, record, bits, png)
 
 
 def _source_hashes(subject: Subject) -> dict[str, str]:
@@ -252,6 +279,7 @@ def prepare(
         (out / previous[stale]["array"]).unlink(missing_ok=True)
         if isinstance(seg := previous[stale].get("segmentation"), str) and seg:
             (out / seg).unlink(missing_ok=True)
+            (out / seg.replace(".nii.gz", ".png")).unlink(missing_ok=True)
     write_tsv(out / "index.tsv", index)
     write_tsv(out / "features.tsv", features)
     write_json(out / "spatial.json", records)
