@@ -47,14 +47,12 @@ def step_seconds(
 ) -> float:
     from nmosd_ms.config import TrainConfig
     from nmosd_ms.models import build_model
+    from nmosd_ms.training.loop import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(name, size)
     model.train()
-    train = TrainConfig()  # the optimiser training uses (plain SGD by default)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
-    )
+    opt = make_optimizer(model, TrainConfig())  # the optimiser training uses
     x = torch.rand(batch, 1, size, size, size)
     if precision == "bf16":  # as in training: the cohort is held in the autocast dtype
         x = x.to(torch.bfloat16)

@@ -120,6 +120,16 @@ def _loss_acc(model, x, y, device, precision, batch=8) -> tuple[float, float]:
     return loss, acc
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The paper's SGD with the run's learning rate, momentum and weight decay."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
 def train_torch_fold(
     model_name: str,
     volumes: torch.Tensor,
@@ -158,12 +168,7 @@ def train_torch_fold(
         counts = np.bincount(labels[fit_idx], minlength=2).astype(float)
         weight = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
         weight = weight.to(dev)
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    opt = make_optimizer(model, config)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size, gamma=config.gamma)
     scaler = (
         torch.amp.GradScaler("cuda") if config.precision == "fp16" and dev.type == "cuda" else None
