@@ -91,20 +91,17 @@ def by_lesion_source(run: Run) -> pd.DataFrame:
     p = run.predictions.assign(
         source=np.where(run.predictions["participant_id"].isin(segmented), "segmented", "given"),
         nmosd=lambda d: d["diagnosis"] == "NMOSD",
-        correct=lambda d: (d["prob_nmosd"] >= 0.5) == (d["diagnosis"] == "NMOSD"),
     )
     rows = []
     for (model, source), g in p.groupby(["model", "source"], sort=False):
-        pos, neg = g[g["nmosd"]], g[~g["nmosd"]]
+        m = binary_metrics(g["nmosd"], g["prob_nmosd"])
         rows.append(
             {
                 "model": model,
                 "lesion_source": source,
-                "n_nmosd": pos["participant_id"].nunique(),
-                "n_ms": neg["participant_id"].nunique(),
-                "accuracy": float(g["correct"].mean()),
-                "sensitivity": float(pos["correct"].mean()) if len(pos) else math.nan,
-                "specificity": float(neg["correct"].mean()) if len(neg) else math.nan,
+                "n_nmosd": g.loc[g["nmosd"], "participant_id"].nunique(),
+                "n_ms": g.loc[~g["nmosd"], "participant_id"].nunique(),
+                **{k: m[k] for k in ("accuracy", "sensitivity", "specificity")},
             }
         )
     order = {m: i for i, m in enumerate(run.models)}
