@@ -9,6 +9,7 @@ towards MS.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import nibabel as nib
@@ -68,17 +69,16 @@ def occlusion_map(
         bump = bump * torch.exp(-(ax**2) / (2 * (k / 4) ** 2)).view(view)
     bump = bump / bump.max()
     keep = 1.0 - bump  # multiplier of the occluded cube: 0 at its centre
-    corners = [(i, j, k) for i in grids[0] for j in grids[1] for k in grids[2]]
+    cubes = [
+        tuple(slice(o, o + k) for o, k in zip(corner, size, strict=True))
+        for corner in itertools.product(*grids)
+    ]
     weight = torch.zeros(shape)
-    for c in corners:
-        weight[tuple(slice(o, o + k) for o, k in zip(c, size, strict=True))] += bump
+    for sl in cubes:
+        weight[sl] += bump
     # a cube holding only zeros is unchanged by occlusion: it scores exactly 0 without a forward
     # pass (most cubes of a lesion-mask input)
-    active = [
-        c
-        for c in corners
-        if x[(0, 0, *(slice(o, o + k) for o, k in zip(c, size, strict=True)))].any()
-    ]
+    active = [sl for sl in cubes if x[(0, 0, *sl)].any()]
     maps = []
     for model in models:
         model.eval()
@@ -87,12 +87,10 @@ def occlusion_map(
         for first in range(0, len(active), n_batch):
             batch = active[first : first + n_batch]
             im = x.repeat(len(batch), 1, 1, 1, 1)
-            for b, c in enumerate(batch):
-                sl = tuple(slice(o, o + k) for o, k in zip(c, size, strict=True))
+            for b, sl in enumerate(batch):
                 im[(b, 0, *sl)] *= keep
             odds = _log_odds(model(im))
-            for b, c in enumerate(batch):
-                sl = tuple(slice(o, o + k) for o, k in zip(c, size, strict=True))
+            for b, sl in enumerate(batch):
                 total[sl] += (base - odds[b]) * bump
         maps.append((total / weight).numpy())
     return np.mean(maps, axis=0).astype(np.float32)
