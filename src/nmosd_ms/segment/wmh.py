@@ -138,12 +138,9 @@ def midsagittal_plane(image: np.ndarray, brain: np.ndarray, zooms) -> tuple[np.n
     q = pts * zooms
     values = smooth[tuple(pts.T)]
 
-    def reflect(n, d):
-        return q - 2 * (q @ n - d)[:, None] * n
-
     def cost(theta, axis):
         n = _plane_normal(axis, theta[:2])
-        mirrored = ndimage.map_coordinates(smooth, (reflect(n, theta[2]) / zooms).T, order=1)
+        mirrored = ndimage.map_coordinates(smooth, (_reflect(q, n, theta[2]) / zooms).T, order=1)
         with np.errstate(invalid="ignore", divide="ignore"):  # a constant image: no symmetry
             c = np.corrcoef(values, mirrored)[0, 1]
         return 1.0 - (c if np.isfinite(c) else -1.0)
@@ -156,6 +153,11 @@ def midsagittal_plane(image: np.ndarray, brain: np.ndarray, zooms) -> tuple[np.n
             best = (result.fun, axis, result.x)
     _, axis, theta = best
     return _plane_normal(axis, theta[:2]), float(theta[2])
+
+
+def _reflect(q: np.ndarray, normal: np.ndarray, offset: float) -> np.ndarray:
+    """Points ``q`` (N × 3, voxel-mm) mirrored across the plane ``normal · q = offset``."""
+    return q - 2 * (q @ normal - offset)[:, None] * normal
 
 
 def _plane_normal(axis: int, tilt) -> np.ndarray:
@@ -185,8 +187,7 @@ def drop_symmetric(
     size = 2 * np.maximum(np.round(1.5 / zooms).astype(int), 0) + 1
     brightest = ndimage.maximum_filter(z, size=tuple(size))
     idx = np.argwhere(lesions)
-    q = idx * zooms
-    mirror = ((q - 2 * (q @ normal - offset)[:, None] * normal) / zooms).T
+    mirror = (_reflect(idx * zooms, normal, offset) / zooms).T
     mirror_z = ndimage.map_coordinates(brightest, mirror, order=0, cval=-np.inf)
     lab = labels[tuple(idx.T)]
     mirror_label = ndimage.map_coordinates(labels, mirror, order=0)
