@@ -568,13 +568,12 @@ def segment(
     nifti.save(out_path, mask.astype(np.uint8), img.affine)
     if qc is not None:
         from .data.spatial import to_canonical
-        from .viz import axial_montage, lesion_slices
+        from .io import write_bytes
+        from .viz import wmh_montage_png
 
         flair_c = to_canonical(img.data, img.affine)[0]
         mask_c = to_canonical(mask, img.affine)[0]
-        title = f"{flair.name}: WMH segmentation (red outline), {mask.sum() * img.voxel_ml:.2f} ml"
-        zs = lesion_slices(mask_c, flair_c > 0)
-        axial_montage(qc, flair_c, zs, title, outline=mask_c, outline_color="red")
+        write_bytes(qc, wmh_montage_png(flair.name, flair_c, mask_c, img.voxel_ml))
     out.print(f"{int(mask.sum())} voxels ({mask.sum() * img.voxel_ml:.2f} ml) -> {out_path}")
 
 

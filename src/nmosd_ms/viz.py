@@ -1,7 +1,7 @@
 """Axial montages for review: a FLAIR (or mask) with an optional signed overlay and an outline.
 
-Used by ``predict --saliency`` (saliency over the FLAIR, lesion outline) and ``segment --qc``
-(the WMH outline over the FLAIR). Images are canonical RAS arrays; slices are shown in the
+Used by ``predict --saliency`` (saliency over the FLAIR, lesion outline) and for WMH
+segmentations (``segment --qc``, ``prepare --segment-missing``, ``predict`` with a FLAIR alone). Images are canonical RAS arrays; slices are shown in the
 neurological view (the patient's right on the right).
 """
 
@@ -69,6 +69,13 @@ def montage_png(
     buf = io.BytesIO()
     fig.savefig(buf, dpi=90, bbox_inches="tight", format="png")
     return buf.getvalue()
+
+
+def wmh_montage_png(name: str, flair_c: np.ndarray, mask_c: np.ndarray, voxel_ml: float) -> bytes:
+    """The review montage of a WMH segmentation: the slices holding lesions, outlined in red."""
+    title = f"{name}: WMH segmentation by nmosd-ms (red outline), {mask_c.sum() * voxel_ml:.2f} ml"
+    zs = lesion_slices(mask_c, flair_c > 0)
+    return montage_png(flair_c, zs, title, outline=mask_c, outline_color="red")
 
 
 def lesion_slices(mask: np.ndarray, extent: np.ndarray, n: int = 12) -> list[int]:

@@ -73,9 +73,14 @@ class PreparedSubject:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         nifti.save(path, self.segmentation.astype(np.uint8), self.record.affine)
-        png = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+        png = _montage_path(path)
         write_bytes(png, self.segmentation_png)
         return png
+
+
+def _montage_path(mask_path: Path) -> Path:
+    """``<id>_wmh.png`` beside ``<id>_wmh.nii.gz``."""
+    return mask_path.with_name(mask_path.name.removesuffix(".gz").removesuffix(".nii") + ".png")
 
 
 def _normalise_flair(flair: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
@@ -149,14 +154,9 @@ def prepare_subject(subject: Subject, config: PrepareConfig) -> PreparedSubject:
         size=(config.size,) * 3,
     )
     if bits is not None:
-        from ..viz import lesion_slices, montage_png
+        from ..viz import wmh_montage_png
 
-        title = (
-            f"{pid}: WMH segmentation by nmosd-ms (red outline), "
-            f"{lesion_c.sum() * ref.voxel_ml:.2f} ml"
-        )
-        zs = lesion_slices(lesion_c, flair_c > 0)
-        png = montage_png(flair_c, zs, title, outline=lesion_c, outline_color="red")
+        png = wmh_montage_png(pid, flair_c, lesion_c, ref.voxel_ml)
     zooms = np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0))
     feats = lesion_features(lesion_c, zooms, lo, hi, config.min_lesion_voxels)
     src_lo, src_hi = record.source_box()
@@ -279,7 +279,7 @@ def prepare(
         (out / previous[stale]["array"]).unlink(missing_ok=True)
         if isinstance(seg := previous[stale].get("segmentation"), str) and seg:
             (out / seg).unlink(missing_ok=True)
-            (out / seg.replace(".nii.gz", ".png")).unlink(missing_ok=True)
+            _montage_path(out / seg).unlink(missing_ok=True)
     write_tsv(out / "index.tsv", index)
     write_tsv(out / "features.tsv", features)
     write_json(out / "spatial.json", records)
