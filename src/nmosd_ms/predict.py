@@ -387,9 +387,9 @@ def predict_subjects(
                 "predictions": df.to_dict("records"),
             },
         )
-        for s, prep in zip(subjects, prepared, strict=True):
-            if prep.segmentation_bits is not None:  # what the model saw, for review (+ PNG)
-                prep.save_segmentation(out / f"{s.participant_id}_wmh.nii.gz")
+        for prep, row in zip(prepared, rows, strict=True):
+            if row["segmentation"]:  # what the model saw, for review (+ PNG)
+                prep.save_segmentation(out / row["segmentation"])
         if saliency:
             from .interpret import save_saliency
 

@@ -20,6 +20,7 @@ killed at any moment resumes by redoing the unfinished folds.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import os
 import platform
@@ -511,15 +512,14 @@ def run_cv(
         if progress:
             progress(done, total, _label(task))
 
+    def report_epoch(label: str, epoch: int, epochs: int) -> None:
+        progress(done, total, f"{label} epoch {epoch}/{epochs}")
+
     empty = np.zeros((0,), dtype=np.float32)
     if executor == "local":
         for t in todo:
             vols = volumes.get(t.size, empty)
-
-            def on_epoch(epoch: int, epochs: int, t=t) -> None:
-                if progress:
-                    progress(done, total, f"{_label(t)} epoch {epoch}/{epochs}")
-
+            on_epoch = functools.partial(report_epoch, _label(t)) if progress else None
             out = run_fold_task(
                 t, vols, labels, features, config.train, str(dev), threads, on_epoch
             )
@@ -537,9 +537,7 @@ def run_cv(
             workers,
             per_worker,
             finish,
-            (lambda label, e, n: progress(done, total, f"{label} epoch {e}/{n}"))
-            if progress
-            else None,
+            report_epoch if progress else None,
         )
     store.aggregate(all_models)
     meta["finished"] = _now()
