@@ -22,3 +22,17 @@ def assert_user_error(result, *fragments: str) -> str:
     for f in fragments:
         assert f.lower() in errors[0].lower(), (f, errors[0])
     return errors[0]
+
+
+def cached_path(cache, pid: str, column: str = "array"):
+    """Where a prepared cache keeps one subject's array (or segmentation), from its index."""
+    import pandas as pd
+
+    index = pd.read_csv(cache / "index.tsv", sep="\t", dtype=str, keep_default_na=False)
+    return cache / index.set_index("participant_id").loc[pid, column]
+
+
+def cached_array(cache, pid: str):
+    import numpy as np
+
+    return np.load(cached_path(cache, pid))

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import shared_or_skip
+from helpers import cached_array
 
 from nmosd_ms.config import PrepareConfig
 from nmosd_ms.data import nifti
@@ -112,7 +113,7 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     assert again["reused"] == 2 and again["computed"] == 0
     changed = prepare(cohort, tmp_path / "c", PrepareConfig(size=40))
     assert changed["computed"] == 2
-    assert np.load(tmp_path / "c" / "sub-02.npy").shape == (40, 40, 40)
+    assert cached_array(tmp_path / "c", "sub-02").shape == (40, 40, 40)
 
 
 def test_spatial_record_roundtrip_on_synthetic_oblique_orientation():

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from nmosd_ms.evaluation.stats import corrected_resampled_ttest, holm
+from nmosd_ms.evaluation.stats import corrected_ci, corrected_resampled_ttest, holm
 from nmosd_ms.models import build_model
 from nmosd_ms.models.complexity import count_parameters
 from nmosd_ms.report import build_report
@@ -53,18 +53,36 @@ def _tsv(path):
 
 
 def test_table2_recomputes_from_predictions(report_dir, small_run):
+    """Every Table 2 column is recomputed here from the held-out predictions: the mean and the
+    CI come from one estimator (the mean of fold scores), and the CI is centred on the mean shown
+    (issue: it was centred on the fold mean while the pooled mean was shown)."""
     t2 = _tsv(report_dir / "table2.tsv").set_index("model")
     preds = _tsv(small_run / "results/predictions.tsv")
     for model, g in preds.groupby("model"):
-        accs, aucs = [], []
+        fold_acc, fold_auc, pooled_auc, repeat_means = [], [], [], []
         for _, r in g.groupby("repeat"):
             y = (r["diagnosis"] == "NMOSD").astype(int)
-            accs.append(accuracy_score(y, (r["prob_nmosd"] >= 0.5).astype(int)))
-            aucs.append(roc_auc_score(y, r["prob_nmosd"]))
-        assert t2.loc[model, "accuracy_mean"] == pytest.approx(np.mean(accs))
-        assert t2.loc[model, "accuracy_sd"] == pytest.approx(np.std(accs, ddof=1))
-        assert t2.loc[model, "auc_mean"] == pytest.approx(np.mean(aucs))
-        assert 0 <= t2.loc[model, "accuracy_ci_low"] <= t2.loc[model, "accuracy_ci_high"] <= 1
+            pooled_auc.append(roc_auc_score(y, r["prob_nmosd"]))
+            accs = []
+            for _, f in r.groupby("fold"):
+                yf = (f["diagnosis"] == "NMOSD").astype(int)
+                accs.append(accuracy_score(yf, (f["prob_nmosd"] >= 0.5).astype(int)))
+                fold_auc.append(roc_auc_score(yf, f["prob_nmosd"]))
+            fold_acc += accs
+            repeat_means.append(np.mean(accs))
+        row = t2.loc[model]
+        assert row["accuracy_mean"] == pytest.approx(np.mean(fold_acc))
+        assert row["accuracy_sd"] == pytest.approx(np.std(repeat_means, ddof=1))
+        assert row["auc_mean"] == pytest.approx(np.mean(fold_auc))
+        assert row["auc_pooled"] == pytest.approx(np.mean(pooled_auc))
+        folds = _tsv(small_run / "results/folds.tsv")
+        f = folds[folds["model"] == model]
+        for metric in ("accuracy", "auc"):
+            lo, hi = corrected_ci(f[metric], f["n_fit"].mean(), f["n_test"].mean())
+            assert (lo + hi) / 2 == pytest.approx(row[f"{metric}_mean"])  # centred on the mean
+            assert row[f"{metric}_ci_low"] == pytest.approx(max(lo, 0.0))
+            assert row[f"{metric}_ci_high"] == pytest.approx(min(hi, 1.0))
+        assert 0 <= row["accuracy_ci_low"] <= row["accuracy_ci_high"] <= 1
 
 
 def test_comparisons_and_table3(report_dir, small_run):
@@ -74,7 +92,7 @@ def test_comparisons_and_table3(report_dir, small_run):
     a = folds[folds["model"] == row["model_a"]].sort_values(["repeat", "fold"])
     b = folds[folds["model"] == row["model_b"]].sort_values(["repeat", "fold"])
     expected = corrected_resampled_ttest(
-        a["accuracy"], b["accuracy"], a["n_train"].mean(), a["n_test"].mean()
+        a["accuracy"], b["accuracy"], a["n_fit"].mean(), a["n_test"].mean()
     )
     assert row["t"] == pytest.approx(expected.t) and row["df"] == 5
     t3 = _tsv(report_dir / "table3.tsv").set_index("model")

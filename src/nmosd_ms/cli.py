@@ -6,7 +6,9 @@ Only argument handling lives here; each verb calls one library function. User er
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -33,9 +35,22 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-#: click's exception classes as this typer raises them (recent typer vendors its own click).
+#: click's exception classes as this typer raises them (recent typer vendors its own click,
+#: which has no ``Abort``: it lets KeyboardInterrupt through; older typer uses click's Abort).
 _clickexc = sys.modules[typer.BadParameter.__module__]
 _NoArgsIsHelp = getattr(_clickexc, "NoArgsIsHelpError", ())
+_INTERRUPTED = (KeyboardInterrupt, *((_clickexc.Abort,) if hasattr(_clickexc, "Abort") else ()))
+
+
+def _closed_pipe() -> None:
+    """stdout's reader went away (``nmosd-ms cv --help | head -1``): stop quietly, as the Python
+    documentation advises, so that the interpreter's final flush does not fail again."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(1)
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -56,9 +71,11 @@ class _OneLineUsageErrors(TyperGroup):
                 f"{exc.format_message()} (see {ctx.command_path if ctx else 'nmosd-ms'} --help)"
             )
             sys.exit(exc.exit_code)
-        except _clickexc.Abort:
-            _error_line("aborted")
-            sys.exit(1)
+        except _INTERRUPTED:
+            _error_line("interrupted")
+            sys.exit(130)
+        except BrokenPipeError:
+            _closed_pipe()
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -86,6 +103,14 @@ def user_errors(fn):
             fail(f"invalid option {where}: {first.get('msg')}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:
+            _closed_pipe()
+        except MemoryError:
+            fail("not enough memory for this step (see the README's limits)")
+        except OSError as exc:  # the file system refused (permissions, a full disk, a file
+            # where a folder is needed): the user's environment, not a bug
+            where = f" {exc.filename}" if exc.filename else ""
+            fail(f"cannot access{where}: {exc.strerror or exc}")
 
     return wrapper
 
@@ -122,6 +147,69 @@ class Bar:
         self.progress.update(
             self.task, completed=done, total=total, description=label or self.label
         )
+
+
+def _train_parameters() -> list[inspect.Parameter]:
+    """One typer option per :class:`~nmosd_ms.config.TrainConfig` field, declared once for the
+    verbs that train (cv, fit): name, type, default and help come from the config itself, and
+    pydantic validates the values (its errors become one ``error:`` line)."""
+    import typing
+
+    from .config import TrainConfig
+
+    params = []
+    for name, field in TrainConfig.model_fields.items():
+        kind = field.annotation
+        help_text = field.description or ""
+        if typing.get_origin(kind) is typing.Literal:
+            help_text = " | ".join(typing.get_args(kind)) + (f": {help_text}" if help_text else "")
+            kind = str
+        flag = "--" + name.replace("_", "-")
+        decl = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=field.default,
+                annotation=Annotated[kind, typer.Option(*decl, help=help_text)],
+            )
+        )
+    return params
+
+
+def train_options(fn):
+    """Give a verb every TrainConfig option; it receives them as ``train_values`` (a dict of the
+    values) and ``train_given`` (the names set on the command line)."""
+    train = _train_parameters()
+    names = [p.name for p in train]
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name not in ("train_values", "train_given")]
+    ctx_param = inspect.Parameter("_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = kwargs.pop("_ctx")
+        values = {n: kwargs.pop(n) for n in names}
+        given = {
+            n
+            for n in names
+            if ctx.get_parameter_source(n) is not None
+            and ctx.get_parameter_source(n).name == "COMMANDLINE"
+        }
+        return fn(*args, train_values=values, train_given=given, **kwargs)
+
+    positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    wrapper.__signature__ = sig.replace(
+        parameters=[
+            *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional],
+            *keyword,
+            *train,
+            ctx_param,
+        ]
+    )
+    del wrapper.__wrapped__  # typer must read the signature above, not the function's own
+    return wrapper
 
 
 def _version(value: bool):
@@ -222,6 +310,7 @@ def phantom(
 
 @app.command()
 @user_errors
+@train_options
 def cv(
     cache_dir: Annotated[Path, typer.Argument(help="prepared cache (nmosd-ms prepare)")],
     out_dir: Annotated[Path, typer.Option("--out", help="run folder (resumed if it exists)")],
@@ -231,51 +320,27 @@ def cv(
     repeats: Annotated[int, typer.Option(min=1)] = 15,
     folds: Annotated[int, typer.Option(min=2)] = 5,
     seed: Annotated[int, typer.Option()] = 0,
-    epochs: Annotated[int, typer.Option(min=1)] = 100,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    lr: Annotated[float, typer.Option()] = 0.01,
-    momentum: Annotated[float, typer.Option(help="SGD momentum (paper: plain SGD)")] = 0.0,
-    weight_decay: Annotated[float, typer.Option()] = 0.0,
-    shift: Annotated[int, typer.Option(min=0, help="max random shift (voxels)")] = 5,
-    flip: Annotated[bool, typer.Option(help="random left-right flips")] = True,
-    class_weights: Annotated[bool, typer.Option(help="inverse-frequency loss weights")] = False,
-    inner_val: Annotated[float, typer.Option(help="inner validation fraction (early stop)")] = 0.0,
-    patience: Annotated[int, typer.Option(min=1)] = 20,
-    weights: Annotated[str, typer.Option(help="none | imagenet | weight file")] = "none",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = "fp32",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     model_size: Annotated[
         list[str] | None, typer.Option(help="MODEL=S: smaller input size for one model")
     ] = None,
-    eval_every: Annotated[
-        int, typer.Option(min=1, help="epochs between held-out curve points")
-    ] = 1,
     executor: Annotated[str, typer.Option(help="local | dask")] = "local",
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster workers")] = 2,
     threads: Annotated[
         int, typer.Option(min=0, help="torch threads per fold (0: all cores / per Dask worker)")
     ] = 0,
+    train_values: dict | None = None,
+    train_given: set | None = None,
 ):
-    """Repeated stratified k-fold cross-validation (paper: 5 folds x 15 repeats)."""
+    """Repeated stratified k-fold cross-validation (paper: 5 folds x 15 repeats).
+
+    Several cv commands with the same options may work on one --out folder at once (each fold
+    is trained once); one with other options is refused."""
     from .config import CVConfig, TrainConfig
     from .training.cv import run_cv
 
-    train = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        shift=shift,
-        flip=flip,
-        class_weights=class_weights,
-        inner_val=inner_val,
-        patience=patience,
-        weights=weights,
-        precision=precision,
-        eval_every=eval_every,
-    )
+    train = TrainConfig(**train_values)
     config = CVConfig(
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
         repeats=repeats,
@@ -412,23 +477,35 @@ def export(
 
 @app.command()
 @user_errors
+@train_options
 def fit(
     cache_dir: Annotated[Path, typer.Argument(help="prepared cache")],
     model: Annotated[str, typer.Option(help="model to train on the whole cohort")],
     out_dir: Annotated[Path, typer.Option("--out", help="new bundle folder")],
-    epochs: Annotated[int, typer.Option(min=1)] = 100,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    lr: Annotated[float, typer.Option()] = 0.01,
-    weights: Annotated[str, typer.Option(help="none | imagenet | weight file")] = "none",
+    from_run: Annotated[
+        Path | None,
+        typer.Option(
+            help="a cv run folder: train exactly as it did (its training options and the "
+            "model's input size); options given here override them"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    train_values: dict | None = None,
+    train_given: set | None = None,
 ):
     """Train one final model on the whole cohort and bundle it (no held-out estimate)."""
     from .config import TrainConfig
-    from .predict import fit_bundle
+    from .predict import fit_bundle, run_training_config
 
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weights=weights)
-    path = fit_bundle(cache_dir, model, out_dir, train, seed=seed, device=device)
+    size = None
+    if from_run is not None:
+        base, size = run_training_config(from_run, model)
+        values = {**base.model_dump(), **{k: train_values[k] for k in train_given}}
+    else:
+        values = train_values
+    train = TrainConfig(**values)
+    path = fit_bundle(cache_dir, model, out_dir, train, seed=seed, device=device, size=size)
     out.print(f"bundle: {path} (fitted on the whole cohort; performance: see nmosd-ms cv)")
 
 
@@ -466,8 +543,6 @@ def predict(
         raise NmosdError("nothing to predict: give --lesion-mask (and/or --flair) or --manifest")
     if saliency and out_dir is None:
         raise NmosdError("--saliency needs --out for the maps")
-    if out_dir is not None and out_dir.exists() and any(out_dir.glob("predictions.*")):
-        raise NmosdError(f"--out {out_dir} already holds predictions; choose a new folder")
     bundle = load_bundle(model_dir)
     with Bar("predict") as bar:
         df = predict_subjects(bundle, subjects, out_dir, saliency, occlusion_size, bar)

@@ -18,7 +18,7 @@ import torch
 
 from .data import nifti
 from .data.spatial import to_canonical, to_native
-from .io import atomic_path
+from .io import atomic_path, inside
 from .viz import axial_montage
 
 
@@ -100,12 +100,12 @@ def save_saliency(out_dir: Path, subject, prepared, saliency: np.ndarray) -> tup
     """``<id>_saliency.nii.gz`` on the input's grid and affine, and a PNG montage."""
     pid = subject.participant_id
     data, affine = to_native(saliency, prepared.record)
-    nii = out_dir / f"{pid}_saliency.nii.gz"
+    nii = inside(out_dir, f"{pid}_saliency.nii.gz")
     with atomic_path(nii, suffix=".nii.gz") as tmp:
         img = nib.Nifti1Image(data.astype(np.float32), affine)
         img.header.set_xyzt_units("mm")
         nib.save(img, str(tmp))
-    png = out_dir / f"{pid}_saliency.png"
+    png = inside(out_dir, f"{pid}_saliency.png")
     _montage(png, subject, prepared, data, affine)
     return nii, png
 

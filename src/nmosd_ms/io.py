@@ -1,7 +1,10 @@
-"""Atomic file writes and hashing shared by every step.
+"""Atomic file writes, path checks and hashing shared by every step.
 
 Every output is written to a temporary file in the destination folder, flushed, then renamed
-over the destination, so a killed process never leaves a half-written file behind.
+over the destination, so a killed process never leaves a half-written file behind. Files and
+folders get the permissions the process's umask allows (``mkstemp``/``mkdtemp`` alone would make
+them private to the owner, which a lab's group could not read). Temporary names start with ``.``
+and contain ``.tmp``: :func:`remove_stale_temporaries` clears those a killed writer left.
 """
 
 from __future__ import annotations
@@ -20,6 +23,58 @@ import numpy as np
 import pandas as pd
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def inside(root: str | os.PathLike, *parts: str | os.PathLike, action: str = "write") -> Path:
+    """``root/parts…``, refused unless it resolves inside ``root``: every writer builds the paths
+    of its outputs through this, so no identifier or name read from input can steer a write
+    elsewhere (``../``, absolute paths, symlinks out of the folder)."""
+    root = Path(root)
+    path = root.joinpath(*parts)
+    base = root.resolve()
+    target = path.resolve()
+    if target != base and base not in target.parents:
+        from .errors import NmosdError
+
+        raise NmosdError(f"refusing to {action} {path}: it is outside the folder {root}")
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete temporary files and folders a killed writer left in ``folder`` (the caller must
+    hold the folder's writer lock, so none of them belongs to a live writer). Returns how many."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    stale = [p for p in found if ".tmp" in p.name or "-tmp-" in p.name]
+    for p in sorted(stale, key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return len(stale)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; rename it onto ``dest`` if the block succeeds."""
@@ -27,6 +82,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
     os.close(fd)
+    _chmod_default(Path(tmp), directory=False)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -51,11 +107,12 @@ def atomic_dir(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]
     if dest.exists() and not replace:
         raise FileExistsError(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
+    _chmod_default(tmp, directory=True)
     try:
         yield tmp
         if dest.exists():
-            old = dest.parent / f".{dest.name}-old-{tmp.name}"
+            old = dest.parent / f".{dest.name}-tmp-old-{tmp.name}"
             dest.rename(old)
             tmp.rename(dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -93,8 +150,22 @@ def write_json(dest: str | os.PathLike, obj: Any) -> None:
     write_text(dest, dumps_json(obj))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(path: str | os.PathLike, what: str = "") -> Any:
+    """Parse a JSON file; a truncated, invalid or unreadable one is a user error naming it."""
+    from .errors import NmosdError
+
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if path.exists() and not path.is_file():
+        raise NmosdError(f"{label} is not a regular file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NmosdError(f"{label} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NmosdError(f"{label} is not valid JSON (truncated or edited?): {exc}") from None
+    except OSError as exc:
+        raise NmosdError(f"cannot read {label}: {exc.strerror or exc}") from None
 
 
 def write_tsv(dest: str | os.PathLike, df: pd.DataFrame, float_format: str | None = None) -> None:

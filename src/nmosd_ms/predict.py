@@ -27,8 +27,17 @@ from .config import PrepareConfig, TrainConfig
 from .data.ingest import Subject, load_manifest
 from .data.preprocess import PreparedSubject, load_prepared, prepare_subject
 from .errors import NmosdError
-from .io import atomic_dir, read_json, sha256_file, write_json, write_text, write_tsv
-from .models import get_spec
+from .io import (
+    atomic_dir,
+    inside,
+    read_json,
+    sha256_file,
+    write_json,
+    write_text,
+    write_tsv,
+)
+from .locking import writing_folder
+from .models import get_spec, model_weights
 from .models.weights import load_model_file
 
 CARD = """# Model card: {name}
@@ -95,9 +104,9 @@ def export_bundle(
     with atomic_dir(out) as tmp:
         files = []
         for _, row in folds.sort_values(["repeat", "fold"]).iterrows():
-            src = store.weights(model, row["repeat"], row["fold"])
-            meta = read_json(src.with_suffix(".json"))
-            if not _sha_ok(src, meta["sha256"]):
+            src = store.weights(model, int(row["repeat"]), int(row["fold"]))
+            meta = read_json(src.with_suffix(".json"), "fold weights record")
+            if not isinstance(meta, dict) or not _sha_ok(src, str(meta.get("sha256"))):
                 raise NmosdError(f"{src} does not match its recorded sha256")
             name = f"repeat-{row['repeat']}_fold-{row['fold']}.safetensors"
             (tmp / "weights").mkdir(exist_ok=True)
@@ -108,7 +117,7 @@ def export_bundle(
                     "sha256": meta["sha256"],
                     "repeat": int(row["repeat"]),
                     "fold": int(row["fold"]),
-                    "test_ids": meta["test_ids"],
+                    "test_ids": [str(i) for i in meta.get("test_ids", [])],
                 }
             )
         metrics = {
@@ -131,6 +140,7 @@ def export_bundle(
             source=str(run_dir.resolve()),
         )
         _write_bundle(tmp, info)
+        load_bundle(tmp)  # the bundle as predict will read it: refuse rather than ship a broken one
     return out
 
 
@@ -216,6 +226,21 @@ def _write_bundle(folder: Path, info: dict) -> None:
     )
 
 
+def run_training_config(run_dir: str | Path, model: str) -> tuple[TrainConfig, int]:
+    """The training configuration and the input size ``model`` had in a cv run, so that a
+    bundle fitted on the whole cohort is trained exactly as the folds that were evaluated."""
+    from .records import RunRecord, load_record
+
+    run_dir = Path(run_dir)
+    record = load_record(run_dir / "run.json", RunRecord, "run record")
+    if model not in record.models:
+        raise NmosdError(f"{run_dir} did not run {model} (it ran {', '.join(record.models)})")
+    size = record.models[model].size
+    if size is None:
+        raise NmosdError(f"{model}: only neural-network models can be fitted into a bundle")
+    return record.options.train, int(size)
+
+
 def fit_bundle(
     cache_dir: str | Path,
     model: str,
@@ -223,11 +248,17 @@ def fit_bundle(
     train: TrainConfig,
     seed: int = 0,
     device: str = "auto",
+    size: int | None = None,
 ) -> Path:
-    """Train one model on the whole prepared cohort and bundle it (recorded as such)."""
+    """Train one model on the whole prepared cohort and bundle it (recorded as such).
+
+    Every field of ``train`` is applied (precision, momentum, shifts, ...) and recorded in the
+    bundle; ``size`` (default: the cache's) is the model's input size, as ``cv --model-size``.
+    """
     from safetensors.torch import save_file
 
     from .data.ingest import check_trainable
+    from .data.spatial import resize
     from .io import atomic_path
     from .training.loop import train_torch_fold
 
@@ -239,8 +270,17 @@ def fit_bundle(
         raise NmosdError(f"--out {out} exists; choose a new folder (bundles are never overwritten)")
     cohort = load_prepared(cache_dir)
     check_trainable(cohort.diagnoses, 2)
-    vols = torch.from_numpy(cohort.volumes[:, None])
+    cache_size = int(cohort.volumes.shape[-1])
+    size = cache_size if size is None else int(size)
+    if not 8 <= size <= cache_size:
+        raise NmosdError(f"model size {size} must be between 8 and the cache size {cache_size}")
+    volumes = cohort.volumes
+    if size != cache_size:
+        volumes = np.stack([resize(v, size) for v in volumes]).astype(np.float32)
+    get_spec(model).build(size=size, weights=model_weights(model, train.weights))  # check first
+    vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None]))
     idx = np.arange(len(cohort.ids))
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
     res = train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
     with atomic_dir(out) as tmp:
         wpath = tmp / "weights" / "full.safetensors"
@@ -265,7 +305,7 @@ def fit_bundle(
         }
         info = _bundle_info(
             model,
-            int(cohort.volumes.shape[-1]),
+            size,
             cohort.params,
             meta,
             files,
@@ -284,28 +324,46 @@ class Bundle:
     models: list[torch.nn.Module]
 
 
+def _check_memory(info, folder: Path) -> None:
+    """Refuse a bundle whose model size would not fit in memory before torch allocates it."""
+    from .data.nifti import _available_bytes
+
+    size = int(info.size)
+    per_voxel = 64 * 4 if get_spec(info.model).family == "resnet3d" else 16 * 4 * 2
+    need = per_voxel * size**3
+    avail = _available_bytes()
+    if avail is not None and need > avail // 2:
+        raise NmosdError(
+            f"bundle {folder}: a {info.model} at size {size}³ needs about {need / 2**30:.1f} GiB, "
+            f"more than half the {avail / 2**30:.1f} GiB available"
+        )
+
+
 def load_bundle(model_dir: str | Path) -> Bundle:
+    """Read a bundle: model.json validated (:class:`~nmosd_ms.records.BundleRecord`), each
+    weight file checked against its sha256 before it is read, nothing unpickled."""
+    from .records import BundleRecord, load_record
+
     folder = Path(model_dir)
-    if not (folder / "model.json").is_file():
+    if not (folder / "model.json").exists():
         raise NmosdError(f"{folder} is not a model bundle (no model.json; see nmosd-ms export)")
-    info = read_json(folder / "model.json")
-    if info.get("format") != "nmosd-ms-bundle/1":
-        raise NmosdError(f"{folder}/model.json is not an nmosd-ms bundle description")
-    spec = get_spec(info["model"])
+    record = load_record(folder / "model.json", BundleRecord, "bundle description")
+    spec = get_spec(record.model)
+    if not spec.is_torch:
+        raise NmosdError(f"{folder}/model.json names {record.model}, which is not a network")
+    _check_memory(record, folder)
+    info = read_json(folder / "model.json", "bundle description")
+    info["preprocessing"] = record.preprocessing.model_dump(mode="json")
     models = []
-    for f in info["files"]:
-        path = folder / f["file"]
+    for f in record.files:
+        path = inside(folder, f.file, action="read")
         if not path.is_file():
-            raise NmosdError(f"bundle {folder} is incomplete: {f['file']} is missing")
-        if sha256_file(path) != f["sha256"]:
-            raise NmosdError(
-                f"bundle {folder}: {f['file']} was altered (sha256 mismatch); refusing"
-            )
-        net = spec.build(size=int(info["size"]))
+            raise NmosdError(f"bundle {folder} is incomplete: {f.file} is missing")
+        if sha256_file(path) != f.sha256:
+            raise NmosdError(f"bundle {folder}: {f.file} was altered (sha256 mismatch); refusing")
+        net = spec.build(size=record.size)
         load_model_file(net, path)
         models.append(net.eval())
-    if not models:
-        raise NmosdError(f"bundle {folder} lists no weight files")
     return Bundle(folder, info, models)
 
 
@@ -343,7 +401,27 @@ def predict_subjects(
     occlusion_size: int = 16,
     progress=None,
 ) -> pd.DataFrame:
-    """Predict every subject (all inputs validated first); write predictions and saliency maps."""
+    """Predict every subject (all inputs validated first); write predictions and saliency maps.
+
+    ``out_dir`` (needed for saliency) is created and locked before any work, so an unwritable or
+    busy folder is refused at once; it must not already hold predictions. Every file written is
+    named from a validated participant ID and checked to stay inside it.
+    """
+    if saliency and out_dir is None:
+        raise NmosdError("saliency maps need an output folder")
+    if out_dir is None:
+        return _predict(bundle, subjects, None, saliency, occlusion_size, progress)
+    out = Path(out_dir)
+    if out.is_dir() and any(out.glob("predictions.*")):
+        raise NmosdError(f"--out {out} already holds predictions; choose a new folder")
+    with writing_folder(out, "prediction folder"):
+        return _predict(bundle, subjects, out, saliency, occlusion_size, progress)
+
+
+def _predict(bundle, subjects, out, saliency, occlusion_size, progress) -> pd.DataFrame:
+    ids = [s.participant_id for s in subjects]
+    if len(set(ids)) != len(ids):
+        raise NmosdError("a participant_id is given twice")
     prepared = [prepare_for_bundle(bundle, s) for s in subjects]  # validates everything first
     rows, maps = [], {}
     for i, (s, prep) in enumerate(zip(subjects, prepared, strict=True)):
@@ -374,9 +452,16 @@ def predict_subjects(
         if progress:
             progress(i + 1, len(subjects))
     df = pd.DataFrame(rows)
-    if out_dir is not None:
-        out = Path(out_dir)
-        write_tsv(out / "predictions.tsv", df)
+    if out is not None:
+        for prep, row in zip(prepared, rows, strict=True):
+            if row["segmentation"]:  # what the model saw, for review (+ PNG)
+                prep.save_segmentation(inside(out, row["segmentation"]))
+        if saliency:
+            from .interpret import save_saliency
+
+            for s, prep in zip(subjects, prepared, strict=True):
+                save_saliency(out, s, prep, maps[s.participant_id])
+        # the tables last: a folder with predictions.tsv is complete
         write_json(
             out / "predictions.json",
             {
@@ -387,12 +472,5 @@ def predict_subjects(
                 "predictions": df.to_dict("records"),
             },
         )
-        for prep, row in zip(prepared, rows, strict=True):
-            if row["segmentation"]:  # what the model saw, for review (+ PNG)
-                prep.save_segmentation(out / row["segmentation"])
-        if saliency:
-            from .interpret import save_saliency
-
-            for s, prep in zip(subjects, prepared, strict=True):
-                save_saliency(out, s, prep, maps[s.participant_id])
+        write_tsv(out / "predictions.tsv", df)
     return df

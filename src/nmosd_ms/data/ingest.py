@@ -7,6 +7,8 @@ they are read (:mod:`nmosd_ms.data.nifti`), still before anything is written.
 from __future__ import annotations
 
 import csv
+import io
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,33 @@ from ..errors import NmosdError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
+#: A participant ID becomes part of file names (``<id>.npy``, ``<id>_saliency.nii.gz``), so it is
+#: checked once, here: letters and digits (any script), ``-``, ``_`` and ``.``; no leading ``.``,
+#: no ``..``; at most 128 characters. BIDS labels (``sub-<alphanumeric>``) always pass.
+MAX_ID_LENGTH = 128
+_ID_CHARS = re.compile(r"[\w.-]+")  # \w: letters, digits and "_" in any script
+_BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
+
+
+def validate_participant_id(pid: str, where: str = "") -> str:
+    """Return ``pid`` if it is safe as part of a file name, else raise one user error."""
+    at = f"{where}: " if where else ""
+    shown = pid.encode("unicode_escape").decode("ascii")[:60]
+    if not pid:
+        raise NmosdError(f"{at}a row has an empty participant_id")
+    if (
+        len(pid) > MAX_ID_LENGTH
+        or not _ID_CHARS.fullmatch(pid)
+        or pid.startswith(".")
+        or ".." in pid
+        or not pid.isprintable()
+    ):
+        raise NmosdError(
+            f"{at}participant_id '{shown}' is not allowed: use letters, digits, '-', '_' and '.' "
+            f"(not first, never '..'), at most {MAX_ID_LENGTH} characters"
+        )
+    return pid
+
 
 @dataclass(frozen=True)
 class Subject:
@@ -26,6 +55,9 @@ class Subject:
     flair: Path | None
     lesion_mask: Path | None
     brain_mask: Path | None = None
+
+    def __post_init__(self) -> None:
+        validate_participant_id(self.participant_id)
 
     @property
     def label(self) -> int:
@@ -57,19 +89,54 @@ def normalise_label(value: object, pid: str, column: str) -> str:
     return label
 
 
+#: The largest table read (a cohort of tens to thousands of rows is a few hundred kB).
+MAX_TABLE_BYTES = 64 * 2**20
+
+
 def _read_table(path: Path) -> pd.DataFrame:
+    """A TSV (CSV for ``.csv``) of strings. Read with the csv module first so that a row with more
+    or fewer cells than the header (a stray tab) is refused: pandas would shift the columns and
+    use the first one as an index."""
     sep = "," if path.suffix.lower() == ".csv" else "\t"
+    _regular_file(path, "table")
+    if path.stat().st_size > MAX_TABLE_BYTES:
+        raise NmosdError(f"{path} is larger than {MAX_TABLE_BYTES // 2**20} MB; not a cohort table")
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8-sig")
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True))
+    except (csv.Error, UnicodeDecodeError) as exc:
         raise NmosdError(f"cannot parse {path}: {exc}") from None
-    df.columns = [c.strip() for c in df.columns]
-    return df
+    except OSError as exc:
+        raise NmosdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    numbered = [(i, r) for i, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+    if not numbered:
+        raise NmosdError(f"cannot parse {path}: the table is empty")
+    (_, header), body = numbered[0], numbered[1:]
+    header = [c.strip() for c in header]
+    for line, r in body:
+        if len(r) != len(header):
+            what = "tab" if sep == "\t" else "comma"
+            raise NmosdError(
+                f"{path} line {line} has {len(r)} cells but the header has {len(header)}: the "
+                f"columns would shift (a stray or missing {what}?)"
+            )
+    dup = sorted(c for c, n in Counter(header).items() if n > 1)
+    if dup or "" in header:
+        raise NmosdError(f"{path}: the header has empty or repeated column names")
+    return pd.DataFrame([r for _, r in body], columns=header, dtype=str)
+
+
+def _regular_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise NmosdError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise NmosdError(f"{what} {path} is not a regular file")
+    return path
 
 
 def _check_ids(ids: list[str], where: Path) -> None:
-    if any(not i for i in ids):
-        raise NmosdError(f"{where}: a row has an empty participant_id")
+    for i in ids:
+        validate_participant_id(i, str(where))
     dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
         raise NmosdError(f"{where}: duplicate participant_id {', '.join(dup)}")
@@ -82,8 +149,10 @@ def _require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:
 
 
 def _existing(path: Path, what: str, pid: str) -> Path:
-    if not path.is_file():
+    if not path.exists():
         raise NmosdError(f"participant {pid}: {what} not found: {path}")
+    if not path.is_file():
+        raise NmosdError(f"participant {pid}: {what} {path} is not a regular file")
     return path
 
 
@@ -96,8 +165,7 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
     image column may be absent; subjects get an empty diagnosis.
     """
     path = Path(path)
-    if not path.is_file():
-        raise NmosdError(f"manifest not found: {path}")
+    _regular_file(path, "manifest")
     df = _read_table(path)
     if labelled:
         _require_columns(df, ["participant_id", "diagnosis", "flair", "lesion_mask"], path)
@@ -146,12 +214,18 @@ def load_bids(
     """Read a BIDS folder: participants.tsv, sub-*/anat/*_FLAIR, derivatives/<lesions>/ masks."""
     root = Path(root)
     table = root / "participants.tsv"
-    if not table.is_file():
+    if not table.exists():
         raise NmosdError(f"{root} is not a BIDS folder: participants.tsv not found")
     df = _read_table(table)
     _require_columns(df, ["participant_id", label_column], table)
     ids = [str(v).strip() for v in df["participant_id"]]
     _check_ids(ids, table)
+    for pid in ids:
+        if not _BIDS_SUBJECT.fullmatch(pid):
+            raise NmosdError(
+                f"{table}: participant_id '{pid}' is not a BIDS subject label "
+                "(sub-<letters and digits>)"
+            )
     deriv = root / "derivatives" / lesions
     if require_lesion_masks and not deriv.is_dir():
         raise NmosdError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,24 +39,72 @@ class Image:
         return float(np.prod(self.zooms)) / 1000.0
 
 
+#: The largest image read, in voxels: 2^28 (1 GiB as float32) is over five times a native
+#: 0.8 x 0.47 x 0.47 mm 3D FLAIR (192 x 512 x 512); a header asking for more is refused before
+#: any data are read, and so is one larger than a quarter of the memory available now.
+MAX_VOXELS = 2**28
+
+
+def _available_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unable to read the machine: no second check
+        return None
+
+
+def _check_header(img, path: Path, what: str) -> tuple[int, ...]:
+    """Shape checks from the header alone (nothing decompressed yet)."""
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise NmosdError(f"{what} {path} is {len(shape)}D with shape {shape}; a 3D image is needed")
+    if min(shape) < 2:
+        raise NmosdError(f"{what} {path} has a degenerate shape {shape}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > MAX_VOXELS:
+        raise NmosdError(
+            f"{what} {path}: its header claims {shape} = {n:,} voxels, more than the "
+            f"{MAX_VOXELS:,} accepted (a corrupt header?)"
+        )
+    avail = _available_bytes()
+    if avail is not None and n * 8 > avail // 4:
+        raise NmosdError(
+            f"{what} {path}: {shape} needs {n * 8 / 2**30:.1f} GiB to process, more than a quarter "
+            f"of the {avail / 2**30:.1f} GiB of memory available"
+        )
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise NmosdError(f"{what} {path} has voxels of type {dtype}; a numeric image is needed")
+    return shape
+
+
 def load(path: str | Path, what: str = "image", dtype=np.float32) -> Image:
-    """Load a 3D NIfTI (a 4D image with a single volume is squeezed); refuse anything unusable."""
+    """Load a 3D NIfTI (a 4D image with a single volume is squeezed); refuse anything unusable.
+
+    The header is checked (dimensions, size against :data:`MAX_VOXELS` and the memory available,
+    voxel type) before any voxel is read, so a corrupt or hostile header costs nothing.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise NmosdError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise NmosdError(f"{what} {path} is not a regular file")
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=dtype)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise NmosdError(f"cannot read {what} {path}: {exc}") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise NmosdError(
-            f"{what} {path} is {data.ndim}D with shape {data.shape}; a 3D image is needed"
-        )
-    if min(data.shape) < 2:
-        raise NmosdError(f"{what} {path} has a degenerate shape {data.shape}")
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise NmosdError(f"{what} {path} is not a NIfTI image ({type(img).__name__})")
+        shape = _check_header(img, path, what)
+        data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
+    except NmosdError:
+        raise
+    except MemoryError:
+        raise NmosdError(f"{what} {path}: not enough memory to read it") from None
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for a damaged file
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NmosdError(f"cannot read {what} {path}: {detail}") from None
     if not np.isfinite(data).all():
         raise NmosdError(f"{what} {path} contains NaN or Inf values")
     affine = np.asarray(img.affine, dtype=np.float64)

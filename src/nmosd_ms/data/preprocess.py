@@ -7,18 +7,26 @@ anything is written, so a bad subject leaves the cache untouched.
 
 Cache layout::
 
+    CACHE_DIR/arrays/<id>.<key>.npy   float32 (S, S, S), canonical RAS axes
+    CACHE_DIR/arrays/<id>.<key>.json  that subject's index row, features and SpatialRecord
+    CACHE_DIR/segmentations/<id>.<key>_wmh.nii.gz   the WMH mask of a subject segmented here
+                              (--segment-missing), on the FLAIR's grid, and ``.png``, a montage
+                              of it for review
     CACHE_DIR/index.tsv       one row per subject (paths, sha256, crop box in source voxels)
-    CACHE_DIR/<id>.npy        float32 (S, S, S), canonical RAS axes
     CACHE_DIR/features.tsv    lesion-load features (nmosd_ms.data.features)
     CACHE_DIR/spatial.json    per-subject SpatialRecord for the inverse map
-    CACHE_DIR/segmentations/<id>_wmh.nii.gz   the WMH mask of subjects segmented here
-                              (--segment-missing), on the FLAIR's grid, and <id>_wmh.png, a
-                              montage of it for review
-    CACHE_DIR/prepare.json    parameters, versions, cohort hash (written last)
+    CACHE_DIR/prepare.json    parameters, versions, cohort hash and the sha256 of the three
+                              tables above: written last, it is the commit of a prepare run
+
+``<key>`` is a hash of the preprocessing parameters and of the subject's input files, so a file
+is never overwritten by one made differently: a prepare killed at any moment leaves the last
+committed cache intact (its tables still name the old files), and a re-run reuses exactly the
+subjects whose key still matches. A second prepare on the same folder is refused while one runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +40,7 @@ from .. import LABELS, __version__
 from ..config import PrepareConfig
 from ..errors import NmosdError
 from ..io import (
+    inside,
     read_json,
     read_tsv,
     save_npy,
@@ -41,6 +50,7 @@ from ..io import (
     write_json,
     write_tsv,
 )
+from ..locking import LOCK_NAME, writing_folder
 from . import nifti
 from .features import FEATURES, lesion_features
 from .ingest import Cohort, Subject
@@ -191,6 +201,47 @@ def _params(config: PrepareConfig) -> dict:
     return config.model_dump(mode="json")
 
 
+TABLES = ("index.tsv", "features.tsv", "spatial.json")
+
+
+def _subject_key(params: dict, hashes: dict[str, str]) -> str:
+    """What a subject's cached files were made from: the parameters and its inputs' contents."""
+    return sha256_text(dumps_sorted({"params": params, "inputs": hashes}))[:16]
+
+
+def dumps_sorted(obj) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _reusable(out: Path, pid: str, key: str) -> dict | None:
+    """The sidecar of a subject cached under ``key`` if its array is there too."""
+    side = out / "arrays" / f"{pid}.{key}.json"
+    if not side.is_file() or not (out / "arrays" / f"{pid}.{key}.npy").is_file():
+        return None
+    try:
+        rec = read_json(side)
+    except NmosdError:
+        return None
+    if not isinstance(rec, dict) or not {"row", "features", "record"} <= set(rec):
+        return None
+    seg = rec["row"].get("segmentation") or ""
+    return None if seg and not (out / seg).is_file() else rec
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NmosdError(f"--out {out} exists and is not a folder")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not (out / "prepare.json").is_file()
+        and not (out / LOCK_NAME).is_file()
+    ):
+        raise NmosdError(f"--out {out} is a non-empty folder that is not a prepare cache")
+
+
 def prepare(
     cohort: Cohort,
     out_dir: str | Path,
@@ -203,37 +254,26 @@ def prepare(
     Returns a summary dict (also the content of prepare.json).
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NmosdError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "prepare.json").is_file():
-        raise NmosdError(f"--out {out} is a non-empty folder that is not a prepare cache")
+    _check_out(out)
+    with writing_folder(out, "cache"):
+        return _prepare_locked(cohort, out, config, workers, progress)
+
+
+def _prepare_locked(cohort, out: Path, config, workers, progress) -> dict:
     params = _params(config)
     previous: dict[str, dict] = {}
-    old_records: dict = {}
-    old_features: dict[str, dict] = {}
-    if (out / "prepare.json").is_file():
-        old = read_json(out / "prepare.json")
-        if old.get("params") == params:
+    if (out / "prepare.json").is_file() and (out / "index.tsv").is_file():
+        with contextlib.suppress(NmosdError, ValueError, KeyError, OSError):
             idx = read_tsv(out / "index.tsv", keep_empty=True)
             previous = {r["participant_id"]: r for r in idx.to_dict("records")}
-            old_records = read_json(out / "spatial.json")
-            feats = read_tsv(out / "features.tsv")
-            old_features = {r["participant_id"]: r for r in feats.to_dict("records")}
 
     hashes = {s.participant_id: _source_hashes(s) for s in cohort.subjects}
+    keys = {pid: _subject_key(params, h) for pid, h in hashes.items()}
     todo, reused = [], {}
     for s in cohort.subjects:
-        prev = previous.get(s.participant_id)
-        same = (
-            prev is not None
-            and prev["diagnosis"] == s.diagnosis
-            and all(prev.get(k) == v for k, v in hashes[s.participant_id].items())
-            and prev.get("flair") == str(s.flair or "")
-            and prev.get("lesion_mask") == str(s.lesion_mask or "")
-            and (out / prev["array"]).is_file()
-        )
-        if same:
-            reused[s.participant_id] = prev
+        rec = _reusable(out, s.participant_id, keys[s.participant_id])
+        if rec is not None:
+            reused[s.participant_id] = rec
         else:
             todo.append(s)
 
@@ -253,33 +293,42 @@ def prepare(
             if progress:
                 progress(done, len(cohort))
 
-    # Everything validated and computed: now write.
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything validated and computed: now write, new files under new names only.
     rows, feature_rows, records = [], [], {}
     for s in cohort.subjects:
-        pid = s.participant_id
+        pid, key = s.participant_id, keys[s.participant_id]
         if pid in results:
             r = results[pid]
-            save_npy(out / r.row["array"], r.array)
+            array = f"arrays/{pid}.{key}.npy"
+            save_npy(inside(out, array), r.array)
             seg_file = ""
             if r.segmentation_bits is not None:
-                seg_file = f"segmentations/{pid}_wmh.nii.gz"
-                r.save_segmentation(out / seg_file)
-            rows.append({**r.row, "segmentation": seg_file, **hashes[pid]})
-            feature_rows.append({"participant_id": pid, "diagnosis": s.diagnosis, **r.features})
-            records[pid] = r.record.to_json()
+                seg_file = f"segmentations/{pid}.{key}_wmh.nii.gz"
+                r.save_segmentation(inside(out, seg_file))
+            rec = {
+                "row": {**r.row, "array": array, "segmentation": seg_file},
+                "features": r.features,
+                "record": r.record.to_json(),
+            }
+            write_json(inside(out, f"arrays/{pid}.{key}.json"), rec)
         else:
-            rows.append(reused[pid])
-            f = old_features[pid]
-            feature_rows.append({k: f[k] for k in ("participant_id", "diagnosis", *FEATURES)})
-            records[pid] = old_records[pid]
+            rec = reused[pid]
+        paths = {
+            "flair": str(s.flair or ""),
+            "lesion_mask": str(s.lesion_mask or ""),
+            "brain_mask": str(s.brain_mask or ""),
+        }
+        rows.append({**rec["row"], "diagnosis": s.diagnosis, **paths, **hashes[pid]})
+        feature_rows.append(
+            {
+                "participant_id": pid,
+                "diagnosis": s.diagnosis,
+                **{k: rec["features"][k] for k in FEATURES},
+            }
+        )
+        records[pid] = rec["record"]
     index = pd.DataFrame(rows)
     features = pd.DataFrame(feature_rows, columns=["participant_id", "diagnosis", *FEATURES])
-    for stale in set(previous) - {s.participant_id for s in cohort.subjects}:
-        (out / previous[stale]["array"]).unlink(missing_ok=True)
-        if isinstance(seg := previous[stale].get("segmentation"), str) and seg:
-            (out / seg).unlink(missing_ok=True)
-            _montage_path(out / seg).unlink(missing_ok=True)
     write_tsv(out / "index.tsv", index)
     write_tsv(out / "features.tsv", features)
     write_json(out / "spatial.json", records)
@@ -296,9 +345,32 @@ def prepare(
         "cohort_hash": sha256_text(
             index.drop(columns=["flair", "lesion_mask", "brain_mask"]).to_csv(sep="\t")
         ),
+        "tables": {name: sha256_file(out / name) for name in TABLES},
     }
-    write_json(out / "prepare.json", summary)
+    write_json(out / "prepare.json", summary)  # the commit
+    _remove_unreferenced(out, index, previous)
     return summary
+
+
+def _remove_unreferenced(out: Path, index: pd.DataFrame, previous: dict[str, dict]) -> None:
+    """Files of earlier prepare runs that the committed index no longer names."""
+    keep = set(index["array"]) | {a.removesuffix(".npy") + ".json" for a in index["array"]}
+    for seg in index["segmentation"]:
+        if seg:
+            keep |= {seg, str(Path(seg).with_name(_montage_path(Path(seg)).name))}
+    stale = [
+        p.relative_to(out).as_posix()
+        for d in ("arrays", "segmentations")
+        if (out / d).is_dir()
+        for p in (out / d).iterdir()
+    ]
+    for row in previous.values():  # caches written before arrays/ existed
+        stale += [v for k in ("array", "segmentation") if isinstance(v := row.get(k), str) and v]
+        if isinstance(seg := row.get("segmentation"), str) and seg:
+            stale.append(_montage_path(Path(seg)).as_posix())
+    for rel in set(stale) - keep:
+        with contextlib.suppress(NmosdError, OSError):
+            inside(out, rel).unlink(missing_ok=True)
 
 
 @dataclass
@@ -351,19 +423,63 @@ class PreparedCohort:
         return SpatialRecord.from_json(read_json(self.path / "spatial.json")[pid])
 
 
+def _load_array(path: Path, size: int, cache: Path) -> np.ndarray:
+    """One cached volume, its header checked before any data are read."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        if arr.shape != (size,) * 3 or arr.dtype != np.float32:
+            raise NmosdError(
+                f"prepared cache {cache}: {path.name} holds {arr.dtype} {arr.shape}, not float32 "
+                f"{(size,) * 3}; run nmosd-ms prepare again"
+            )
+        return np.array(arr)
+    except NmosdError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise NmosdError(f"prepared cache {cache}: cannot read {path.name}: {exc}") from None
+
+
 def load_prepared(cache_dir: str | Path) -> PreparedCohort:
     cache = Path(cache_dir)
     meta = cache / "prepare.json"
     if not meta.is_file():
         raise NmosdError(f"{cache} is not a prepared cache (no prepare.json; run nmosd-ms prepare)")
-    info = read_json(meta)
-    index = read_tsv(cache / "index.tsv", keep_empty=True)
+    info = read_json(meta, "prepare record")
+    try:
+        size = int(info["params"]["size"])
+        cohort_hash = str(info["cohort_hash"])
+        tables = info.get("tables") or {}
+    except (KeyError, TypeError, ValueError):
+        raise NmosdError(f"{meta} is incomplete or edited; run nmosd-ms prepare again") from None
+    if not 8 <= size <= 512:
+        raise NmosdError(f"{meta}: size {size} is outside 8..512; run nmosd-ms prepare again")
+    for name, digest in tables.items():
+        if name not in TABLES:
+            continue
+        if not (cache / name).is_file() or sha256_file(cache / name) != digest:
+            raise NmosdError(
+                f"prepared cache {cache} is inconsistent: {name} does not match prepare.json "
+                "(an interrupted or concurrent prepare?); run nmosd-ms prepare again"
+            )
+    try:
+        index = read_tsv(cache / "index.tsv", keep_empty=True)
+        names = [str(n) for n in index["array"]]
+        ids = [str(i) for i in index["participant_id"]]
+        bad = sorted(set(index["diagnosis"]) - set(LABELS))
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise NmosdError(f"prepared cache {cache}: cannot read index.tsv ({exc})") from None
+    if bad:
+        raise NmosdError(f"prepared cache {cache}: unknown diagnosis {', '.join(map(str, bad))}")
+    from .ingest import validate_participant_id
+
+    for pid in ids:
+        validate_participant_id(pid, f"{cache}/index.tsv")
     vols = []
-    for name in index["array"]:
-        path = cache / name
+    for name in names:
+        path = inside(cache, name)
         if not path.is_file():
             raise NmosdError(f"prepared cache {cache} is incomplete: {name} is missing")
-        vols.append(np.load(path, allow_pickle=False))
+        vols.append(_load_array(path, size, cache))
     return PreparedCohort(
-        cache, index, np.stack(vols).astype(np.float32), info["params"], info["cohort_hash"]
+        cache, index, np.stack(vols).astype(np.float32), info["params"], cohort_hash
     )

@@ -40,6 +40,12 @@ figure{margin:1.2em 0}figcaption{color:#444;font-size:.9em}img{max-width:100%}
 """
 
 
+def _esc(value) -> str:
+    """Every value from a run folder is escaped before it reaches the page (run.json is a file
+    a user can edit, or receive from someone else)."""
+    return html.escape(str(value))
+
+
 def _table_html(df: pd.DataFrame, table_id: str) -> str:
     return df.to_html(
         index=False, escape=True, border=0, table_id=table_id, classes="data", na_rep="–"
@@ -171,27 +177,32 @@ def _write(run, out: Path) -> None:
         )
         or "<li>none</li>"
     )
+    e = _esc
+    r_k = e(f"{opts['repeats']} × {opts['folds']}")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>nmosd-ms report</title><style>{CSS}</style></head><body>
 <h1>NMOSD vs MS: cross-validation report</h1>
-<p class="note">nmosd-ms {__version__} · research use only, not for diagnosis · run
-<code>{html.escape(str(run.root))}</code></p>
-<p><b>Cohort:</b> {n} subjects — {counts.get("NMOSD", 0)} NMOSD, {counts.get("MS", 0)} MS.
+<p class="note">nmosd-ms {e(__version__)} · research use only, not for diagnosis · run
+<code>{e(run.root)}</code></p>
+<p><b>Cohort:</b> {e(n)} subjects — {e(counts.get("NMOSD", 0))} NMOSD, {e(counts.get("MS", 0))} MS.
 <b>Chance level</b> (always answering the majority class): {chance:.3f}.<br>
-<b>Protocol:</b> {opts["folds"]}-fold stratified cross-validation repeated {opts["repeats"]}
-time(s) on identical subject-level splits for every model (seed {opts["seed"]});
-{train["epochs"]} epochs, SGD lr {train["lr"]} (×{train["gamma"]} every {train["step_size"]}
-epochs), batch {train["batch_size"]}, weights: {html.escape(str(train["weights"]))},
-precision {train["precision"]}. NMOSD is the positive class (sensitivity = NMOSD recall,
-specificity = MS recall).<br>
-<b>Device:</b> {html.escape(env["device"])} ({html.escape(str(env.get("device_name", "")))},
-{env.get("cpu_count")} CPUs, torch {html.escape(env["torch"])}).</p>
+<b>Protocol:</b> {e(opts["folds"])}-fold stratified cross-validation repeated {e(opts["repeats"])}
+time(s) on identical subject-level splits for every model (seed {e(opts["seed"])});
+{e(train["epochs"])} epochs, SGD lr {e(train["lr"])} (×{e(train["gamma"])} every
+{e(train["step_size"])} epochs), momentum {e(train["momentum"])}, batch {e(train["batch_size"])},
+weights: {e(train["weights"])}, precision {e(train["precision"])}. NMOSD is the positive class
+(sensitivity = NMOSD recall, specificity = MS recall).<br>
+<b>Device:</b> {e(env["device"])} ({e(env.get("device_name", ""))},
+{e(env.get("cpu_count"))} CPUs, torch {e(env["torch"])}).</p>
 {_lesion_source_html(sources, within)}
 <h2>Table 2 — performance</h2>
-<p class="note">mean ± SD over repeats (each repeat pools its folds' held-out predictions) [95 %
-CI from the corrected resampled t distribution over folds]. With one repeat the SD is undefined.</p>
+<p class="note">Each cell: mean of the {r_k} held-out fold scores ± SD over repeats of each
+repeat's mean fold score [95 % CI of that same mean from the corrected resampled t distribution,
+clipped to [0, 1]]. With one repeat the SD is undefined. The last column is a second estimator,
+labelled as such: each repeat's AUC on its folds' pooled held-out predictions, averaged over
+repeats.</p>
 {_table_html(table2_display(t2), "table2")}
 <h3>Pairwise comparisons</h3>
 <p class="note">Corrected resampled t-test (Nadeau &amp; Bengio 2003; Bouckaert &amp; Frank 2004):

@@ -13,7 +13,7 @@ import pandas as pd
 from ..errors import NmosdError
 from ..evaluation.metrics import METRICS, binary_metrics
 from ..evaluation.stats import corrected_ci, corrected_resampled_ttest, holm
-from ..io import read_json, read_tsv
+from ..io import read_tsv
 
 
 @dataclass
@@ -43,17 +43,44 @@ def load_run(root: str | Path) -> Run:
     missing = [n for n in needed if not (root / n).is_file()]
     if missing:
         raise NmosdError(f"{root} is not a cv run folder (missing {', '.join(missing)})")
-    run = Run(
-        root,
-        read_json(root / "run.json"),
-        read_tsv(root / "results/folds.tsv"),
-        read_tsv(root / "results/predictions.tsv"),
-        read_tsv(root / "results/curves.tsv"),
-        read_tsv(root / "splits.tsv"),
-    )
+    from ..records import RunRecord, load_record
+
+    meta = load_record(root / "run.json", RunRecord, "run record").model_dump(mode="json")
+    try:
+        tables = [
+            read_tsv(root / name)
+            for name in (
+                "results/folds.tsv",
+                "results/predictions.tsv",
+                "results/curves.tsv",
+                "splits.tsv",
+            )
+        ]
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise NmosdError(f"{root}: a result table cannot be read ({exc})") from None
+    run = Run(root, meta, *tables)
+    _check_tables(run)
     if run.folds.empty:
         raise NmosdError(f"{root} has no finished folds yet")
     return run
+
+
+def _check_tables(run: Run) -> None:
+    """The columns the report reads; a table edited by hand is refused with one line."""
+    from ..training.cv import CURVE_COLUMNS, FOLD_COLUMNS, PRED_COLUMNS
+
+    needed = {
+        "results/folds.tsv": (run.folds, [c for c in FOLD_COLUMNS if c != "n_fit"]),
+        "results/predictions.tsv": (run.predictions, PRED_COLUMNS),
+        "results/curves.tsv": (run.curves, CURVE_COLUMNS),
+        "splits.tsv": (run.splits, ["repeat", "fold", "participant_id", "diagnosis", "part"]),
+    }
+    for name, (df, cols) in needed.items():
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise NmosdError(f"{run.root}/{name} lacks column(s) {', '.join(missing)}")
+    if "n_fit" not in run.folds.columns:  # runs written before n_fit was recorded
+        run.folds["n_fit"] = run.folds["n_train"]
 
 
 def lesion_sources(run: Run) -> dict | None:
@@ -129,23 +156,33 @@ def chance_level(run: Run) -> float:
 
 
 def table2(run: Run) -> pd.DataFrame:
-    """Per model: mean, SD over repeats, 95 % CI (corrected resampled t) of each metric."""
+    """Per model and metric, one estimator throughout: the mean of the k·r held-out fold scores,
+    the SD over repeats of each repeat's mean fold score, and the 95 % CI of that same mean from
+    the corrected resampled t distribution (centred on the mean shown, then clipped to [0, 1]).
+    ``<metric>_pooled`` is a second, labelled estimator: each repeat's metric on its folds'
+    pooled held-out predictions, averaged over repeats (for AUC it differs from the fold mean).
+    The correction uses the number of subjects each model was fitted on (``n_fit``: the training
+    part less any inner validation split)."""
     per_repeat = repeat_metrics(run.predictions)
     rows = []
     for model in run.models:
         f = run.folds[run.folds["model"] == model]
         r = per_repeat[per_repeat["model"] == model]
-        row = {"model": model, "repeats": int(r["repeat"].nunique()), "folds": len(f)}
-        n_train, n_test = f["n_train"].mean(), f["n_test"].mean()
+        row = {"model": model, "repeats": int(f["repeat"].nunique()), "folds": len(f)}
+        n_fit, n_test = f["n_fit"].mean(), f["n_test"].mean()
         for m in METRICS:
-            vals = r[m].to_numpy(dtype=float)
-            row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
-            row[f"{m}_sd"] = (
-                float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
-            )
-            lo, hi = corrected_ci(f[m], n_train, n_test)
+            scores = f[m].to_numpy(dtype=float)
+            finite = np.isfinite(scores)
+            row[f"{m}_mean"] = float(scores[finite].mean()) if finite.any() else math.nan
+            by_repeat = f.loc[finite].groupby("repeat")[m].mean().to_numpy(dtype=float)
+            row[f"{m}_sd"] = float(np.std(by_repeat, ddof=1)) if by_repeat.size > 1 else math.nan
+            lo, hi = corrected_ci(scores, n_fit, n_test)
             # the metrics are proportions: clip the t interval to [0, 1]
             row[f"{m}_ci_low"], row[f"{m}_ci_high"] = max(lo, 0.0), min(hi, 1.0)
+            pooled = r[m].to_numpy(dtype=float)
+            row[f"{m}_pooled"] = (
+                float(np.nanmean(pooled)) if np.isfinite(pooled).any() else math.nan
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -164,9 +201,10 @@ def comparisons(run: Run, metrics=("accuracy", "auc")) -> pd.DataFrame:
             ok = np.isfinite(va) & np.isfinite(vb)
             if ok.sum() < 2:
                 continue
-            res = corrected_resampled_ttest(
-                va[ok], vb[ok], fa.loc[common, "n_train"].mean(), fa.loc[common, "n_test"].mean()
-            )
+            # the models of one run share the splits; with an inner validation split each
+            # was fitted on fewer subjects than the training part: use the smaller set
+            n_fit = min(fa.loc[common, "n_fit"].mean(), fb.loc[common, "n_fit"].mean())
+            res = corrected_resampled_ttest(va[ok], vb[ok], n_fit, fa.loc[common, "n_test"].mean())
             block.append(
                 {
                     "metric": metric,
@@ -264,6 +302,7 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
                 t2[f"{m}_mean"], t2[f"{m}_sd"], t2[f"{m}_ci_low"], t2[f"{m}_ci_high"], strict=True
             )
         ]
+    out["AUC of pooled predictions"] = [_fmt(v) for v in t2["auc_pooled"]]
     return out
 
 

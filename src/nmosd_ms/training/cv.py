@@ -12,9 +12,16 @@ Run folder::
     RUN_DIR/models/<model>/repeat-<r>/fold-<k>.safetensors (+ .json)  final weights
     RUN_DIR/results/{folds,predictions,curves}.tsv   tables rebuilt after every fold
     RUN_DIR/README.md                      what the files are
+    RUN_DIR/claims/<model>/repeat-<r>/fold-<k>.lock   held while a writer trains that fold
+    RUN_DIR/writers/<host>-<pid>.lock      held by each running writer (named in refusals)
+    RUN_DIR/.nmosd-ms.lock                 held while run.json or the tables are written
 
 Every file is written atomically; a fold counts as done only once its JSON exists, so a run
-killed at any moment resumes by redoing the unfinished folds.
+killed at any moment resumes by redoing the unfinished folds. Several writers may work on one
+run folder at once (a second terminal, a job array) when their options are the same: each fold
+is claimed by one writer (an ``flock``, released by the kernel when a writer dies, even by
+``kill -9``), the others skip it and wait for it, so no fold is trained twice and no table mixes
+options. A writer with other options is refused with one line naming the writers at work.
 """
 
 from __future__ import annotations
@@ -43,7 +50,18 @@ from ..data.preprocess import PreparedCohort, load_prepared
 from ..data.spatial import resize
 from ..errors import NmosdError
 from ..evaluation.metrics import METRICS, binary_metrics
-from ..io import atomic_path, read_json, read_tsv, sha256_file, write_json, write_text, write_tsv
+from ..io import (
+    atomic_path,
+    inside,
+    read_json,
+    read_tsv,
+    remove_stale_temporaries,
+    sha256_file,
+    write_json,
+    write_text,
+    write_tsv,
+)
+from ..locking import LOCK_NAME, Lock, describe, exclusive
 from ..models import get_spec, model_weights
 from ..models.complexity import count_flops, count_parameters
 from .loop import FoldOutput, resolve_device, train_sklearn_fold, train_torch_fold
@@ -55,6 +73,7 @@ FOLD_COLUMNS = [
     "repeat",
     "fold",
     "n_train",
+    "n_fit",
     "n_test",
     *METRICS,
     "train_seconds",
@@ -76,8 +95,18 @@ CURVE_COLUMNS = [
     "test_accuracy",
     "seconds",
 ]
-#: Metric columns that must be identical between reruns (timings are not).
-DETERMINISTIC_COLUMNS = ["model", "repeat", "fold", "n_train", "n_test", *METRICS, "epochs"]
+#: Columns that are identical between reruns with the same seed and threads per fold (and between
+#: a resumed and an uninterrupted run); the timing and memory columns are not.
+DETERMINISTIC_COLUMNS = [
+    "model",
+    "repeat",
+    "fold",
+    "n_train",
+    "n_fit",
+    "n_test",
+    *METRICS,
+    "epochs",
+]
 
 
 def fold_seed(seed: int, model: str, repeat: int, fold: int) -> int:
@@ -196,16 +225,61 @@ def _run_fold(task, volumes, labels, features, train, device, on_epoch=None) -> 
 
 
 class RunStore:
-    """Paths and atomic writes of one run folder."""
+    """Paths, atomic writes and the writers' locks of one run folder."""
+
+    LOCK = LOCK_NAME
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    def meta_lock(self, wait: float = 120) -> Lock:
+        """Held while run.json, splits.tsv, README.md or the result tables are written."""
+        return exclusive(self.root / self.LOCK, f"run folder {self.root}", wait=wait)
+
+    def claim(self, model: str, repeat: int, fold: int) -> Lock | None:
+        """The claim of one fold for this writer, or ``None`` when another writer holds it."""
+        lock = Lock(inside(self.root, "claims", model, f"repeat-{repeat}", f"fold-{fold}.lock"))
+        if not lock.acquire():
+            return None
+        # leftovers of a writer killed while it wrote this fold's files: nobody else writes them
+        for folder in (
+            self.weights(model, repeat, fold).parent,
+            self.fold_json(model, repeat, fold).parent,
+        ):
+            for p in folder.glob(f".fold-{fold}.*tmp*"):
+                p.unlink(missing_ok=True)
+        return lock
+
+    def register_writer(self) -> Lock:
+        import os
+        import secrets
+        import socket
+
+        name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.lock"
+        lock = Lock(inside(self.root, "writers", name))
+        lock.acquire()
+        return lock
+
+    def active_writers(self, own: Lock | None = None) -> list[dict]:
+        """Records of the writers working on this folder now (stale files are removed)."""
+        found = []
+        folder = self.root / "writers"
+        for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+            if own is not None and path == own.path:
+                continue
+            holder = Lock(path).holder()
+            if holder is None:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".json").unlink(missing_ok=True)
+            else:
+                found.append(holder)
+        return found
+
     def fold_json(self, model: str, repeat: int, fold: int) -> Path:
-        return self.root / "folds" / model / f"repeat-{repeat}" / f"fold-{fold}.json"
+        return inside(self.root, "folds", model, f"repeat-{repeat}", f"fold-{fold}.json")
 
     def weights(self, model: str, repeat: int, fold: int) -> Path:
-        return self.root / "models" / model / f"repeat-{repeat}" / f"fold-{fold}.safetensors"
+        return inside(self.root, "models", model, f"repeat-{repeat}", f"fold-{fold}.safetensors")
 
     def is_done(self, model: str, repeat: int, fold: int) -> bool:
         return self.fold_json(model, repeat, fold).is_file()
@@ -250,6 +324,7 @@ class RunStore:
             "repeat": task.repeat,
             "fold": task.fold,
             "n_train": len(task.train_idx),
+            "n_fit": out.n_fit if out.n_fit is not None else len(task.train_idx),
             "n_test": len(task.test_idx),
             **metrics,
             "train_seconds": out.train_seconds,
@@ -271,8 +346,9 @@ class RunStore:
         folds, preds, curves = [], [], []
         for model in models:
             for path in sorted((self.root / "folds" / model).glob("repeat-*/fold-*.json")):
-                rec = read_json(path)
+                rec = read_json(path, "fold record")
                 key = {k: rec[k] for k in ("model", "repeat", "fold")}
+                rec.setdefault("n_fit", rec["n_train"])  # folds written before n_fit existed
                 folds.append({c: rec[c] for c in FOLD_COLUMNS})
                 preds += [{**key, **p} for p in rec["predictions"]]
                 curves += [{**key, **c} for c in rec["curves"]]
@@ -337,15 +413,18 @@ def _now() -> str:
 
 
 def _model_info(name: str, size: int, default_weights: str) -> dict:
+    """What run.json records of one model. Building it with its weights is also the check that
+    the weights exist and fit, before anything is written."""
     spec = get_spec(name)
+    weights = model_weights(name, default_weights) if spec.is_torch else None
     info = {
         "family": spec.family,
         "size": size if spec.is_torch else None,
-        "weights": model_weights(name, default_weights) if spec.is_torch else None,
+        "weights": weights,
         "description": spec.description,
     }
     if spec.is_torch:
-        net = spec.build(size=size)
+        net = spec.build(size=size, weights=weights)
         info["parameters"] = count_parameters(net)
         info["flops"] = count_flops(net, size)
         info["views"] = list(spec.views)
@@ -354,6 +433,30 @@ def _model_info(name: str, size: int, default_weights: str) -> dict:
         info["flops"] = None
         info["features"] = list(FEATURES)
     return info
+
+
+#: Seconds between two looks at folds that other writers of the same run folder hold.
+POLL_SECONDS = 2.0
+
+
+def _check_run_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise NmosdError(f"--out {root} exists and is not a folder")
+    if (
+        root.is_dir()
+        and any(root.iterdir())
+        and not (root / "run.json").is_file()
+        and not (root / RunStore.LOCK).is_file()
+    ):
+        raise NmosdError(f"--out {root} exists and is not a cv run folder")
+
+
+def _read_run_json(path: Path) -> dict:
+    """run.json as written (options compared as stored), once it validates as a run record."""
+    from ..records import RunRecord, load_record
+
+    load_record(path, RunRecord, "run record")
+    return read_json(path, "run record")
 
 
 def run_cv(
@@ -367,24 +470,24 @@ def run_cv(
     progress: Progress | None = None,
     threads: int = 0,
 ) -> dict:
-    """Run (or resume) a cross-validation; returns the run.json content.
+    """Run (or resume, or join) a cross-validation; returns the run.json content.
 
     ``threads`` is the number of torch threads per fold: 0 means all cores for the local
     executor and cores // workers for a Dask LocalCluster. Floating-point reductions depend on
     it, so two runs agree bit for bit when they use the same number of threads per fold.
+
+    Several calls may work on one ``out_dir`` at once when their options agree (see the module
+    docstring); everything is validated before the first write.
     """
     for name in config.models:
         get_spec(name)
     unknown = set(config.model_sizes) - set(config.models)
     if unknown:
         raise NmosdError(f"--model-size names a model that is not run: {', '.join(unknown)}")
-    if (
-        config.train.weights not in ("none", "imagenet")
-        and not Path(config.train.weights).is_file()
-    ):
-        raise NmosdError(f"weights file not found: {config.train.weights}")
     if executor not in ("local", "dask"):
         raise NmosdError(f"--executor must be local or dask, not {executor}")
+    root = Path(out_dir)
+    _check_run_folder(root)
     cohort = load_prepared(cache_dir)
     check_trainable(cohort.diagnoses, config.folds)
     cache_size = int(cohort.volumes.shape[-1])
@@ -395,8 +498,6 @@ def run_cv(
                 f"--model-size {m}={s}: must be between 8 and the cache size {cache_size}"
             )
     dev = resolve_device(device)
-
-    root = Path(out_dir)
     store = RunStore(root)
     options = {
         "cohort_hash": cohort.cohort_hash,
@@ -407,45 +508,108 @@ def run_cv(
         "train": config.train.model_dump(mode="json"),
         "prepare": cohort.params,
     }
-    run_json = root / "run.json"
-    if run_json.is_file():
-        old = read_json(run_json)
-        diff = sorted(
-            k
-            for k in set(options) | set(old.get("options", {}))
-            if old.get("options", {}).get(k) != options.get(k)
-        )
-        if diff:
-            raise NmosdError(
-                f"{root} holds a run with different options ({', '.join(diff)}); "
-                "use a new --out folder"
-            )
-        models_info = old["models"]
-        for m in config.models:
-            if m in models_info and get_spec(m).is_torch and models_info[m]["size"] != sizes[m]:
-                raise NmosdError(
-                    f"{root}: {m} was run at size {models_info[m]['size']}, not {sizes[m]}"
-                )
-        started = old["started"]
-    else:
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise NmosdError(f"--out {root} exists and is not a cv run folder")
-        models_info, started = {}, _now()
-    for m in config.models:
-        if m not in models_info:
-            models_info[m] = _model_info(m, sizes[m], config.train.weights)
-    all_models = list(models_info)
-
     plan = plan_splits(cohort.labels, config.folds, config.repeats, config.seed)
     splits = splits_frame(cohort.ids, cohort.diagnoses, plan)
     check_no_leak(splits)
+    new_models = {m: _model_info(m, sizes[m], config.train.weights) for m in config.models}
+
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    writer = store.register_writer()
+    try:
+        with store.meta_lock():
+            meta = _open_run(store, writer, options, splits, new_models, sizes, cache_dir, cohort)
+            meta["executor"] = {
+                "name": executor,
+                "scheduler": scheduler,
+                "workers": workers,
+                "threads_per_fold": threads or "auto",
+            }
+            meta["environment"] = _environment(dev)
+            write_json(root / "run.json", meta)
+        created = False  # a run folder now: kept whatever happens next
+        _train_all(
+            store,
+            cohort,
+            config,
+            plan,
+            sizes,
+            cache_size,
+            dev,
+            executor,
+            scheduler,
+            workers,
+            threads,
+            progress,
+        )
+        with store.meta_lock():
+            meta = _read_run_json(root / "run.json")
+            all_models = list(meta["models"])
+            store.aggregate(all_models)
+            if all(_complete(store, m, meta) for m in all_models):
+                meta["finished"] = _now()
+            write_json(root / "run.json", meta)
+        return meta
+    finally:
+        writer.release()
+        writer.path.unlink(missing_ok=True)
+        writer.record_path.unlink(missing_ok=True)
+        if created:  # refused before anything of the run was written
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _complete(store: RunStore, model: str, meta: dict) -> bool:
+    opts = meta["options"]
+    return all(
+        store.is_done(model, r, k) for r in range(opts["repeats"]) for k in range(opts["folds"])
+    )
+
+
+def _open_run(store, writer, options, splits, new_models, sizes, cache_dir, cohort) -> dict:
+    """Create run.json, or check this writer's options against it (under the meta lock)."""
+    root = store.root
+    remove_stale_temporaries(root, recursive=False)
+    remove_stale_temporaries(root / "results", recursive=False)
+    run_json = root / "run.json"
+    if run_json.is_file():
+        old = _read_run_json(run_json)
+        diff = sorted(
+            k for k in set(options) | set(old["options"]) if old["options"].get(k) != options.get(k)
+        )
+        if diff:
+            others = store.active_writers(own=writer)
+            held = (
+                f"is being written by {describe(others[0])}"
+                + (f" and {len(others) - 1} more writer(s)" if len(others) > 1 else "")
+                if others
+                else "holds a run"
+            )
+            raise NmosdError(
+                f"{root} {held} with different options ({', '.join(diff)}); use a new --out "
+                "folder, or the same options to join it"
+            )
+        models_info = old["models"]
+        for m, info in new_models.items():
+            if m in models_info and get_spec(m).is_torch and models_info[m].get("size") != sizes[m]:
+                raise NmosdError(
+                    f"{root}: {m} was run at size {models_info[m].get('size')}, not {sizes[m]}"
+                )
+            models_info.setdefault(m, info)
+        started = old.get("started") or _now()
+    else:
+        models_info, started = dict(new_models), _now()
     if (root / "splits.tsv").is_file():
         old_splits = read_tsv(root / "splits.tsv")
         if not old_splits.equals(splits):
             raise NmosdError(
                 f"{root}/splits.tsv differs from this cohort's splits; use a new --out"
             )
-    meta = {
+    else:
+        write_tsv(root / "splits.tsv", splits)
+    write_text(root / "README.md", RUN_README.format(version=__version__, root=root))
+    return {
         "tool": "nmosd-ms cv",
         "version": __version__,
         "options": options,
@@ -456,20 +620,26 @@ def run_cv(
             "lesion_source": cohort.lesion_sources,
             "segmented": cohort.segmented_ids,
         },
-        "executor": {
-            "name": executor,
-            "scheduler": scheduler,
-            "workers": workers,
-            "threads_per_fold": threads or "auto",
-        },
-        "environment": _environment(dev),
         "started": started,
         "finished": None,
     }
-    write_json(run_json, meta)
-    write_tsv(root / "splits.tsv", splits)
-    write_text(root / "README.md", RUN_README.format(version=__version__, root=root))
 
+
+def _train_all(
+    store,
+    cohort,
+    config,
+    plan,
+    sizes,
+    cache_size,
+    dev,
+    executor,
+    scheduler,
+    workers,
+    threads,
+    progress,
+) -> None:
+    """Train every fold of this writer's models that no writer has finished, claiming each."""
     tasks = [
         FoldTask(
             m,
@@ -484,20 +654,21 @@ def run_cv(
         for s in plan
     ]
     total = len(tasks)
-    todo = [t for t in tasks if not store.is_done(t.model, t.repeat, t.fold)]
-    done = total - len(todo)
+    pending = [t for t in tasks if not store.is_done(t.model, t.repeat, t.fold)]
+    done = total - len(pending)
     if progress:
         progress(done, total, "cv")
+    if not pending:
+        return
 
     volumes: dict[int, np.ndarray] = {}
-    for s in {t.size for t in todo if get_spec(t.model).is_torch}:
+    for s in {t.size for t in pending if get_spec(t.model).is_torch}:
         vols = cohort.volumes
         if s != cache_size:
             vols = np.stack([resize(v, s) for v in vols])
         volumes[s] = vols[:, None].astype(np.float32)
     features = cohort.features()[list(FEATURES)].to_numpy(dtype=np.float64)
     labels = cohort.labels
-
     last_tables = time.monotonic()
 
     def finish(task: FoldTask, out: FoldOutput) -> None:
@@ -506,7 +677,8 @@ def run_cv(
         # The result tables are rebuilt from every fold JSON: at most once a minute while the
         # run goes (each rebuild reads all folds so far), and always at the end.
         if time.monotonic() - last_tables >= 60:
-            store.aggregate(all_models)
+            with store.meta_lock():
+                store.aggregate(list(_read_run_json(store.root / "run.json")["models"]))
             last_tables = time.monotonic()
         done += 1
         if progress:
@@ -516,33 +688,66 @@ def run_cv(
         progress(done, total, f"{label} epoch {epoch}/{epochs}")
 
     empty = np.zeros((0,), dtype=np.float32)
-    if executor == "local":
-        for t in todo:
-            vols = volumes.get(t.size, empty)
-            on_epoch = functools.partial(report_epoch, _label(t)) if progress else None
-            out = run_fold_task(
-                t, vols, labels, features, config.train, str(dev), threads, on_epoch
-            )
-            finish(t, out)
-    else:
-        per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
-        _run_dask(
-            todo,
-            volumes,
-            labels,
-            features,
-            config.train,
-            str(dev),
-            scheduler,
-            workers,
-            per_worker,
-            finish,
-            report_epoch if progress else None,
-        )
-    store.aggregate(all_models)
-    meta["finished"] = _now()
-    write_json(run_json, meta)
-    return meta
+    while pending:
+        claims: dict[tuple, Lock] = {}  # (model, repeat, fold) -> this writer's claim
+        claimed: list[FoldTask] = []
+        for t in pending:
+            if store.is_done(t.model, t.repeat, t.fold):
+                continue
+            claim = store.claim(t.model, t.repeat, t.fold)
+            if claim is None:
+                continue
+            if store.is_done(t.model, t.repeat, t.fold):  # finished while we looked
+                claim.release()
+                continue
+            claims[_key(t)] = claim
+            claimed.append(t)
+            if executor == "local":  # one fold at a time: claim the next one only when free
+                vols = volumes.get(t.size, empty)
+                on_epoch = functools.partial(report_epoch, _label(t)) if progress else None
+                try:
+                    out = run_fold_task(
+                        t, vols, labels, features, config.train, str(dev), threads, on_epoch
+                    )
+                    finish(t, out)
+                finally:
+                    claims.pop(_key(t)).release()
+        if claims:  # dask: every fold claimed above runs on the cluster at once
+
+            def finish_and_release(t: FoldTask, out: FoldOutput, claims=claims) -> None:
+                finish(t, out)
+                claims.pop(_key(t)).release()
+
+            try:
+                _run_dask(
+                    [t for t in claimed if _key(t) in claims],
+                    volumes,
+                    labels,
+                    features,
+                    config.train,
+                    str(dev),
+                    scheduler,
+                    workers,
+                    threads or max(1, (os.cpu_count() or 1) // workers),
+                    finish_and_release,
+                    report_epoch if progress else None,
+                )
+            finally:
+                for c in claims.values():
+                    c.release()
+        before = len(pending)
+        pending = [t for t in pending if not store.is_done(t.model, t.repeat, t.fold)]
+        if pending and len(pending) == before and not claimed:
+            # every remaining fold is being trained by another writer: wait for them (a writer
+            # that dies releases its claims, and this loop then takes them over)
+            if progress:
+                progress(done, total, f"waiting for {len(pending)} fold(s) of other writers")
+            time.sleep(POLL_SECONDS)
+        done = total - len(pending)
+
+
+def _key(task: FoldTask) -> tuple[str, int, int]:
+    return (task.model, task.repeat, task.fold)
 
 
 def _label(task: FoldTask) -> str:

@@ -35,6 +35,7 @@ class FoldOutput:
     inference_ms: float = 0.0
     peak_memory_mb: float = 0.0
     state_dict: dict | None = None
+    n_fit: int | None = None  # subjects the model was fitted on (training part less inner-val)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,7 +88,11 @@ def recalibrate_batchnorm(model, x: torch.Tensor, device, precision: str, batch:
     if not bns or len(x) < 2:
         return
     momenta = [m.momentum for m in bns]
-    with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift training's RNG
+    dev = torch.device(device)
+    # Only BatchNorm needs train mode here: dropout stays in eval mode, so the pass draws no
+    # random numbers at all. The RNG states are forked as well (CPU, and the fold's CUDA device)
+    # so that nothing here can shift training's random stream: curves on or off, same results.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         _recalibrate(model, bns, x, device, precision, batch)
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
@@ -99,6 +104,9 @@ def _recalibrate(model, bns, x, device, precision, batch) -> None:
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
     starts = list(range(0, len(x), batch))
     if len(starts) > 1 and len(x) - starts[-1] == 1:
         starts.pop()
@@ -254,7 +262,9 @@ def train_torch_fold(
     if not np.isfinite(prob).all():
         from ..errors import NmosdError
 
-        raise NmosdError(f"{model_name}: training diverged (non-finite outputs); try a lower --lr")
+        raise NmosdError(
+            f"{model_name}: training diverged (non-finite outputs); try a lower learning rate"
+        )
     inference_ms = (time.perf_counter() - ti) * 1000 / max(len(test_idx), 1)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return FoldOutput(
@@ -265,6 +275,7 @@ def train_torch_fold(
         inference_ms=inference_ms,
         peak_memory_mb=_peak_memory_mb(dev),
         state_dict=state,
+        n_fit=len(fit_idx),
     )
 
 

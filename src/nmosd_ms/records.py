@@ -1,0 +1,117 @@
+"""Typed schemas of the JSON records the toolkit reads back: a run's ``run.json`` and a bundle's
+``model.json``.
+
+Both are written by the toolkit but live in folders that users copy, edit and exchange, so every
+reader validates them here first: a truncated, edited or hostile record becomes one user error
+naming the file and the field, never a ``KeyError`` deep in a report, and never a size that makes
+torch allocate gigabytes. Unknown extra keys are kept (records of newer versions stay readable).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import PrepareConfig, TrainConfig
+from .errors import NmosdError
+from .io import read_json
+
+#: Model input sizes a record may name (the same bounds as PrepareConfig.size).
+MIN_SIZE, MAX_SIZE = 8, 512
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class RunOptions(_Record):
+    cohort_hash: str
+    n_subjects: int = Field(ge=1)
+    repeats: int = Field(ge=1)
+    folds: int = Field(ge=2)
+    seed: int
+    train: TrainConfig
+    prepare: dict[str, Any]
+
+
+class ModelRecord(_Record):
+    family: str
+    size: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE)
+    weights: str | None = None
+    description: str = ""
+    parameters: int | None = Field(None, ge=0)
+    flops: int | None = Field(None, ge=0)
+    views: list[str] = Field(default_factory=list)
+
+
+class CohortRecord(_Record):
+    counts: dict[str, int]
+    lesion_source: dict[str, dict[str, int]] | None = None
+    segmented: list[str] = Field(default_factory=list)
+
+
+class Environment(_Record):
+    device: str = "unknown"
+    device_name: str = ""
+    cpu_count: int | None = None
+    torch: str = "unknown"
+
+
+class RunRecord(_Record):
+    """``run.json`` of a cross-validation run."""
+
+    tool: str = "nmosd-ms cv"
+    version: str = ""
+    options: RunOptions
+    models: dict[str, ModelRecord]
+    cohort: CohortRecord
+    environment: Environment = Field(default_factory=Environment)
+    started: str | None = None
+    finished: str | None = None
+
+
+class BundleFile(_Record):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    repeat: int | None = None
+    fold: int | None = None
+    test_ids: list[str] = Field(default_factory=list)
+
+
+class BundlePreprocessing(PrepareConfig):
+    """The bundle's preprocessing: PrepareConfig at the cache size, then the model's size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cache_size: int = Field(ge=MIN_SIZE, le=MAX_SIZE)
+
+
+class BundleRecord(_Record):
+    """``model.json`` of a model bundle (``nmosd-ms export`` / ``fit``)."""
+
+    format: str = Field(pattern=r"^nmosd-ms-bundle/1$")
+    model: str
+    size: int = Field(ge=MIN_SIZE, le=MAX_SIZE)
+    preprocessing: BundlePreprocessing
+    files: list[BundleFile] = Field(min_length=1)
+    labels: list[str] = Field(default_factory=lambda: ["MS", "NMOSD"])
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+    return f"{where}: {first.get('msg')}"
+
+
+def load_record(path: str | Path, schema: type[BaseModel], what: str) -> BaseModel:
+    """Read and validate one JSON record; any defect is one :class:`NmosdError`."""
+    path = Path(path)
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise NmosdError(f"{what} {path} is not a JSON object (edited or damaged?)")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise NmosdError(f"{what} {path} is edited or damaged: {_first_error(exc)}") from None
