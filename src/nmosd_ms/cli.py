@@ -363,7 +363,12 @@ def cv(
             progress=bar,
             threads=threads,
         )
-    out.print(f"cv finished: {', '.join(meta['models'])} -> {out_dir}/results/folds.tsv")
+    out.print(
+        f"cv finished: {', '.join(config.models)} -> {out_dir}/results/folds.tsv "
+        f"({meta['trained_here']} fold(s) trained by this command)",
+        markup=False,
+        soft_wrap=True,
+    )
     out.print(f"next: nmosd-ms report {out_dir}")
 
 
@@ -446,6 +451,7 @@ def demo(
     out.print(f"report: {paths['report']}")
     out.print("the full paper protocol (15 x 5-fold, 100 epochs) on this cohort:")
     out.print(f"  {paths['full_protocol']}", markup=False, soft_wrap=True)
+    out.print(f"  {paths['full_protocol_note']}", markup=False, soft_wrap=True)
     out.print(
         "on a CPU add --executor dask --workers <cores> --threads 1 --precision bf16 "
         "(two-view-18 alone: about an hour on 2 cores; the 3D ResNets take days)",

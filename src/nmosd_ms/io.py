@@ -88,6 +88,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        _chmod_default(tmp_path, directory=False)  # again: some writers replace the file
         os.replace(tmp_path, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -111,13 +112,21 @@ def atomic_dir(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]
     _chmod_default(tmp, directory=True)
     try:
         yield tmp
-        if dest.exists():
+        if dest.exists() and replace:
             old = dest.parent / f".{dest.name}-tmp-old-{tmp.name}"
             dest.rename(old)
             tmp.rename(dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(dest)
+            try:
+                tmp.rename(dest)
+            except OSError:  # another writer created dest meanwhile: never overwrite it
+                from .errors import NmosdError
+
+                raise NmosdError(
+                    f"{dest} was created by another process while this one wrote it; "
+                    "nothing was replaced"
+                ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from scipy.spatial.transform import Rotation
 
 from .. import __version__
 from ..errors import NmosdError
-from ..io import atomic_path, write_json, write_text, write_tsv
+from ..io import atomic_dir, atomic_path, write_json, write_text, write_tsv
 from .anatomy import load_anatomy
 from .lesions import DIFFICULTIES, sample_lesion_map
 
@@ -147,6 +147,13 @@ def generate_cohort(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NmosdError(f"{out} exists and is not empty; choose a new folder")
+    # Written into a temporary folder beside OUT and moved into place when complete: an
+    # interrupted run leaves nothing (a re-run would otherwise refuse the partial folder).
+    with atomic_dir(out, replace=out.exists()) as tmp:
+        return _generate(tmp, out, n_nmosd, n_ms, seed, difficulty, resolution, workers, progress)
+
+
+def _generate(out, final, n_nmosd, n_ms, seed, difficulty, resolution, workers, progress):
     rng = np.random.default_rng(seed)
     d = DIFFICULTIES[difficulty]
     diagnoses = ["NMOSD"] * n_nmosd + ["MS"] * n_ms
@@ -210,7 +217,7 @@ def generate_cohort(
         README.format(
             version=__version__,
             date=_dt.date.today().isoformat(),
-            out=out,
+            out=final,
             n_nmosd=n_nmosd,
             n_ms=n_ms,
             seed=seed,

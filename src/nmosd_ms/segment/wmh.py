@@ -202,6 +202,11 @@ def drop_symmetric(
     return ~symmetric[labels]
 
 
+#: The largest grid the segmentation works on: 2^26 voxels is 256 x 512 x 512, eight times a
+#: 1 mm head (182 x 218 x 182); the steps hold about twenty float32 copies of it.
+MAX_WORKING_VOXELS = 2**26
+
+
 def segment_wmh(
     flair: np.ndarray, zooms, brain: np.ndarray | None = None, params: WMHParams = WMHParams()
 ) -> np.ndarray:
@@ -219,6 +224,15 @@ def segment_wmh(
     shape = np.maximum(np.round(np.array(flair.shape) * zooms / target).astype(int), 1)
     # voxel volume sets the per-voxel noise: at half the working voxel's or more, work as is
     small_voxels = np.prod(zooms) < 0.5 * params.working_mm**3
+    work = shape if small_voxels else np.array(flair.shape)
+    if int(np.prod(work, dtype=np.int64)) > MAX_WORKING_VOXELS:
+        from ..errors import NmosdError
+
+        raise NmosdError(
+            f"the FLAIR's working grid {tuple(int(n) for n in work)} at "
+            f"{', '.join(f'{z:.2g}' for z in zooms)} mm is larger than any head "
+            f"({MAX_WORKING_VOXELS:,} voxels at most; segmentation needs ~20 copies of it)"
+        )
     if not small_voxels or np.array_equal(shape, flair.shape):
         return _segment(flair, zooms, brain, params)
     from ..data.spatial import resize  # area averaging

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,6 +339,7 @@ class RunStore:
             ],
             "curves": out.curves,
             "weights": weights_info,
+            "writer": {"host": socket.gethostname(), "pid": os.getpid()},
         }
         write_json(self.fold_json(task.model, task.repeat, task.fold), record)
         return record
@@ -528,7 +530,7 @@ def run_cv(
             meta["environment"] = _environment(dev)
             write_json(root / "run.json", meta)
         created = False  # a run folder now: kept whatever happens next
-        _train_all(
+        trained = _train_all(
             store,
             cohort,
             config,
@@ -549,7 +551,8 @@ def run_cv(
             if all(_complete(store, m, meta) for m in all_models):
                 meta["finished"] = _now()
             write_json(root / "run.json", meta)
-        return meta
+        # what this call did (not written to run.json: other writers may share the folder)
+        return {**meta, "trained_here": trained}
     finally:
         writer.release()
         writer.path.unlink(missing_ok=True)
@@ -638,8 +641,9 @@ def _train_all(
     workers,
     threads,
     progress,
-) -> None:
-    """Train every fold of this writer's models that no writer has finished, claiming each."""
+) -> int:
+    """Train every fold of this writer's models that no writer has finished, claiming each;
+    returns how many folds this writer trained."""
     tasks = [
         FoldTask(
             m,
@@ -658,8 +662,9 @@ def _train_all(
     done = total - len(pending)
     if progress:
         progress(done, total, "cv")
+    trained = 0
     if not pending:
-        return
+        return trained
 
     volumes: dict[int, np.ndarray] = {}
     for s in {t.size for t in pending if get_spec(t.model).is_torch}:
@@ -672,8 +677,9 @@ def _train_all(
     last_tables = time.monotonic()
 
     def finish(task: FoldTask, out: FoldOutput) -> None:
-        nonlocal done, last_tables
+        nonlocal done, last_tables, trained
         store.save_fold(task, out, cohort, config.train)
+        trained += 1
         # The result tables are rebuilt from every fold JSON: at most once a minute while the
         # run goes (each rebuild reads all folds so far), and always at the end.
         if time.monotonic() - last_tables >= 60:
@@ -744,6 +750,7 @@ def _train_all(
                 progress(done, total, f"waiting for {len(pending)} fold(s) of other writers")
             time.sleep(POLL_SECONDS)
         done = total - len(pending)
+    return trained
 
 
 def _key(task: FoldTask) -> tuple[str, int, int]:
