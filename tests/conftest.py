@@ -91,6 +91,8 @@ def prepared_small(phantom_cohort, tmp_path_factory) -> Path:
 
 #: The small cv run shared by the cv and report tests: 2 repeats x 3 folds, two models.
 SMALL_MODELS = ("twoview-18", "lesionload-logreg")
+#: What such a run trains: cv adds the shortcut baseline (lesionload-stump) to every run.
+RUN_MODELS = (*SMALL_MODELS, "lesionload-stump")
 
 
 def small_cv_config(**kw):

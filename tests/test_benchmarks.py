@@ -21,7 +21,7 @@ def test_protocol_summary_reads_the_run_records(small_run, tmp_path):
     summary = json.loads((tmp_path / "protocol.json").read_text())
     folds = pd.read_csv(small_run / "results" / "folds.tsv", sep="\t")
     meta = json.loads((small_run / "run.json").read_text())
-    assert summary["folds_trained"] == len(folds) == 2 * 3 * 2
+    assert summary["folds_trained"] == len(folds) == 3 * 2 * 3  # 3 models
     assert summary["repeats"] == 2 and summary["folds"] == 3 and summary["epochs"] == 2
     assert summary["started"] == meta["started"] and summary["finished"] == meta["finished"]
     assert 0 <= summary["wall_minutes"] < 60

@@ -7,7 +7,6 @@ import hashlib
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 from scipy import ndimage
@@ -50,50 +49,116 @@ def test_parallel_workers_give_the_same_cohort(tmp_path):
 
 
 def test_flair_contrast(phantom_cohort):
-    anat = load_anatomy(2)
-    s = load_bids(phantom_cohort).subjects
-    # FLAIR-like: CSF dark, WM darker than GM, lesions bright (before the random rigid motion,
-    # so compare on the template's tissue maps via the generator's own intensities).
+    """FLAIR-like: CSF dark, WM darker than GM, lesions bright — and lesions 1.3-1.5x the white
+    matter, the brain's intensity mode, as on the two real MNI FLAIRs (not 1.85x as before)."""
     from nmosd_ms.phantom.generate import synth_flair
 
+    anat = load_anatomy(2)
     lesion = np.zeros(anat.shape, bool)
-    lesion.flat[anat.regions["deep"][:200]] = True
+    lesion.flat[anat.regions["deep"][:400]] = True
     img = synth_flair(anat, lesion, np.random.default_rng(0))
     csf, wm, gm = anat.csf > 0.8, (anat.wm > 0.9) & ~lesion, anat.gm > 0.8
     assert img[csf].mean() < img[wm].mean() < img[gm].mean() < img[lesion].mean()
+    s = load_bids(phantom_cohort).subjects
     assert nib.load(s[0].flair).get_data_dtype() == np.int16
+    ratios = []
+    for subject in s[:6]:
+        flair = np.asarray(nib.load(subject.flair).dataobj, np.float32)
+        mask = np.asarray(nib.load(subject.lesion_mask).dataobj) > 0
+        core = ndimage.binary_erosion(mask)
+        if core.sum() < 5:
+            continue
+        brain = flair[flair > 0.3 * np.percentile(flair, 99)]
+        hist, edges = np.histogram(brain, bins=100)
+        mode = edges[hist.argmax()] + (edges[1] - edges[0]) / 2
+        ratios.append(np.median(flair[core]) / mode)
+    print("lesion / tissue mode:", np.round(ratios, 2))
+    assert ratios and 1.2 <= np.median(ratios) <= 1.6
 
 
-def test_class_proportions_and_priors(tmp_path):
-    df = generate_cohort(tmp_path / "c", n_nmosd=41, n_ms=47, seed=0, difficulty="paper", workers=2)
-    assert (df["diagnosis"] == "NMOSD").sum() == 41 and (df["diagnosis"] == "MS").sum() == 47
+def test_every_subject_has_lesions_that_prepare_counts(prepared_small, tmp_path):
+    """The paper's inclusion rule by default: no empty prepared volume, every subject with a
+    counted lesion; lesion-free NMOSD only when asked for, in the share asked for."""
+    feats = pd.read_csv(prepared_small / "features.tsv", sep="\t")
+    assert (feats["n_lesions"] >= 1).all()
+    from nmosd_ms.data.preprocess import load_prepared
+
+    vols = load_prepared(prepared_small).volumes
+    assert (vols.reshape(len(vols), -1).max(1) > 0).all()
+    df = generate_cohort(tmp_path / "c", n_nmosd=10, n_ms=4, seed=2, lesion_free_fraction=0.4)
     nmosd = df[df["diagnosis"] == "NMOSD"]
-    ms = df[df["diagnosis"] == "MS"]
-    lesion_free = (nmosd["lesion_ml"] == 0).mean()
-    assert 0.30 <= lesion_free <= 0.45, lesion_free  # prior: 35-40 % (21-43 % across studies)
-    assert (nmosd["phenotype"] == "ms-like").mean() == pytest.approx(0.18, abs=0.03)
-    assert (ms["lesion_ml"] > 0).mean() >= 0.9  # MS: any lesion in ~97 %
-    typical = ms[ms["phenotype"] == "ms-typical"]["lesion_ml"]
-    # Published RRMS volumes: median 7.1 ml (Masuda 2022), CIS median ~2 ml (REFLEX).
-    assert 1.5 <= typical.median() <= 10.0, typical.median()
-    assert nmosd["lesion_ml"].median() < typical.median() / 3
+    assert (nmosd["lesion_ml"] == 0).sum() == 4 and (df["diagnosis"] == "MS").sum() == 4
+    assert (df.loc[df["diagnosis"] == "MS", "lesion_ml"] > 0).all()
+    assert set(nmosd.loc[nmosd["lesion_ml"] == 0, "phenotype"]) == {"lesion-free"}
 
 
-def test_difficulty_controls_overlap():
-    assert DIFFICULTIES["easy"].nmosd["ms-like"] < DIFFICULTIES["paper"].nmosd["ms-like"]
-    assert DIFFICULTIES["paper"].nmosd["ms-like"] < DIFFICULTIES["hard"].nmosd["ms-like"]
-    assert DIFFICULTIES["easy"].ms["ms-low-load"] < DIFFICULTIES["hard"].ms["ms-low-load"]
+def test_painted_lesions_hold_the_volumes_drawn():
+    """Lesions are painted on the subject's own (moved) grid, volume-preserving: each isolated
+    lesion's component in the written mask holds the volume drawn (within a voxel or 15 %),
+    small ones included — they used to come out 35-50 % smaller or vanish."""
+    from nmosd_ms.phantom.generate import random_rigid
+    from nmosd_ms.phantom.lesions import make_lesion, paint
+
+    anat = load_anatomy(2)
+    rng = np.random.default_rng(4)
+    matrix, offset = random_rigid(anat, rng)
+    voxel = float(np.prod(anat.zooms))
+    checked = 0
+    for volume in (24.0, 30.0, 45.0, 60.0, 100.0, 250.0, 800.0, 3000.0):
+        for site in ("white_matter", "ms_periventricular", "ms_juxtacortical"):
+            les = make_lesion(anat, site, volume, rng)
+            mask = paint([les], anat, matrix, offset)
+            labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+            got = mask.sum() * voxel
+            assert abs(got - volume) <= max(voxel, 0.15 * volume), (site, volume, got)
+            checked += 1
+    assert checked == 24
+
+
+def test_the_two_knobs_are_independent():
+    """Load knob: NMOSD's count and size medians as a fraction of MS's. Pattern knob: the share
+    of lesions at class-typical sites. `spatial` matches loads exactly; `hard` has the weakest
+    patterns; `easy` the strongest of both."""
+    d = DIFFICULTIES
+    assert d["spatial"].load_ratio == d["spatial"].size_ratio == 1.0
+    assert d["easy"].load_ratio < d["paper"].load_ratio < d["spatial"].load_ratio
+    assert d["hard"].specific < d["paper"].specific < d["spatial"].specific
+    assert d["easy"].specific >= d["paper"].specific
+
+
+def test_spatial_preset_loads_are_indistinguishable():
+    """On `spatial`, lesion count and total volume (as prepare counts them: components of at
+    least 3 voxels) have the same distribution in both classes: two-sample KS p >= 0.2 on 200
+    subjects. The pattern is then the only signal."""
+    from scipy import stats
+
+    anat = load_anatomy(2)
+    voxel = float(np.prod(anat.zooms))
+    load = {"MS": ([], []), "NMOSD": ([], [])}
+    for dx, (counts, totals) in load.items():
+        for i in range(100):
+            m, _ = sample_lesion_map(
+                anat, np.random.default_rng([11, i, dx == "MS"]), dx, "spatial"
+            )
+            labels, _ = ndimage.label(m, structure=np.ones((3, 3, 3)))
+            sizes = np.bincount(labels.ravel())[1:]
+            counts.append(int((sizes >= 3).sum()))
+            totals.append(m.sum() * voxel / 1000)
+    p_count = stats.ks_2samp(load["MS"][0], load["NMOSD"][0]).pvalue
+    p_total = stats.ks_2samp(load["MS"][1], load["NMOSD"][1]).pvalue
+    print(f"spatial preset: KS p = {p_count:.3f} (count), {p_total:.3f} (total volume)")
+    assert p_count >= 0.2 and p_total >= 0.2
 
 
 def test_dawson_fingers_point_away_from_the_ventricles():
+    from nmosd_ms.phantom.lesions import make_lesion, paint
+
     anat = load_anatomy(2)
     rng = np.random.default_rng(0)
-    from nmosd_ms.phantom.lesions import _ms_lesion
-
     angles = []
     for _ in range(30):
-        m = np.zeros(anat.shape, bool)
-        _ms_lesion(m, anat, "periventricular", rng, scale=1.6)
+        les = make_lesion(anat, "ms_periventricular", 250.0, rng)
+        m = paint([les], anat)
         idx = np.argwhere(m)
         if len(idx) < 8:
             continue
@@ -105,34 +170,58 @@ def test_dawson_fingers_point_away_from_the_ventricles():
     assert np.median(angles) > 0.7  # long axis mostly along the ventricle-distance gradient
 
 
+def _real_ms_masks():
+    root = shared_or_skip("lesjak2017")
+    return [nib.load(p) for p in sorted(root.glob("sub-*/lesion_mask_mni.nii.gz"))]
+
+
 def test_ms_lesion_frequency_matches_real_ms_patients():
-    """Voxel-wise lesion frequency of MS-like phantoms vs the 20 real MNI lesion masks."""
+    """Voxel-wise lesion frequency of 200 MS phantoms (`paper`) vs the 20 real MNI lesion
+    masks, both smoothed 4 mm. Measured 0.72 (the first generator: 0.57; the density the
+    generator places MS lesions with reaches 0.78 alone)."""
     from nilearn.image import resample_to_img
 
-    root = shared_or_skip("lesjak2017")
+    real_imgs = _real_ms_masks()
     anat = load_anatomy(2)
     freq = np.zeros(anat.shape)
-    n = 60
+    n = 200
     for i in range(n):
-        m, _ = sample_lesion_map(anat, np.random.default_rng([0, i]), "MS", "paper", "ms-typical")
+        m, _ = sample_lesion_map(anat, np.random.default_rng([0, i]), "MS", "paper")
         freq += m
     freq /= n
-    acc, img = None, None
-    for p in sorted(root.glob("sub-*/lesion_mask_mni.nii.gz")):
-        img = nib.load(p)
-        a = (np.asarray(img.dataobj) > 0).astype(np.float32)
-        acc = a if acc is None else acc + a
-    real = nib.Nifti1Image(acc / 20, img.affine)
+    acc = sum((np.asarray(img.dataobj) > 0).astype(np.float32) for img in real_imgs)
+    real = nib.Nifti1Image(acc / len(real_imgs), real_imgs[0].affine)
     ref = nib.Nifti1Image(freq.astype(np.float32), anat.affine)
     real_on_template = resample_to_img(
         real, ref, interpolation="continuous", force_resample=True, copy_header=True
     ).get_fdata()
-    # Lesion-probability maps are compared after 4 mm Gaussian smoothing (sigma = 2 voxels).
     a = ndimage.gaussian_filter(freq, 2.0)[anat.brain]
     b = ndimage.gaussian_filter(real_on_template, 2.0)[anat.brain]
     r = float(np.corrcoef(a, b)[0, 1])
     print(f"phantom vs real MS lesion-frequency map: Pearson r = {r:.3f}")
-    assert r >= 0.5
+    assert r >= 0.70
+
+
+def test_ms_load_matches_real_patients():
+    """Per-patient lesion count (components of >= 24 mm^3) and total volume of MS phantoms
+    (`paper`, as written: on their own moved grid) against the 20 real patients' MNI masks:
+    medians within 30 %."""
+    from nmosd_ms.phantom.generate import make_subject
+
+    def load(mask, voxel_mm3):
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(labels.ravel())[1:] * voxel_mm3
+        return int((sizes >= 24).sum()), mask.sum() * voxel_mm3 / 1000
+
+    real = [load(np.asarray(img.dataobj) > 0, 1.0) for img in _real_ms_masks()]
+    phantom = [
+        load(make_subject(i, "MS", False, 3, "paper", 2)["lesion"] > 0, 8.0) for i in range(40)
+    ]
+    (rc, rv), (pc, pv) = np.median(real, axis=0), np.median(phantom, axis=0)
+    print(
+        f"lesions >= 24 mm3: real median {rc:.0f}, phantom {pc:.0f}; total ml: {rv:.1f} / {pv:.1f}"
+    )
+    assert abs(pc / rc - 1) <= 0.3 and abs(pv / rv - 1) <= 0.3
 
 
 def test_phantom_cli_refuses_bad_options(tmp_path):

@@ -113,6 +113,30 @@ def test_page_is_self_contained(report_dir):
         assert (report_dir / "figures" / f"{name}.svg").is_file()
 
 
+def test_every_deep_model_is_shown_beside_the_best_shortcut(report_dir, small_run):
+    """cv adds lesionload-stump to every run; the report sets each deep model beside it with
+    the corrected resampled t-test of the accuracy margin, recomputed here from folds.tsv."""
+    folds = _tsv(small_run / "results/folds.tsv")
+    assert "lesionload-stump" in set(folds["model"])
+    base = _tsv(report_dir / "baselines.tsv")
+    row = base[(base["model"] == "twoview-18") & (base["baseline_kind"] == "shortcut")].iloc[0]
+    assert row["baseline"] == "lesionload-stump"
+    a = folds[folds["model"] == "twoview-18"].sort_values(["repeat", "fold"])
+    b = folds[folds["model"] == "lesionload-stump"].sort_values(["repeat", "fold"])
+    res = corrected_resampled_ttest(
+        a["accuracy"], b["accuracy"], a["n_fit"].mean(), a["n_test"].mean()
+    )
+    assert row["margin"] == pytest.approx(res.mean_difference)
+    assert row["p_value"] == pytest.approx(res.p_value)
+    assert row["accuracy"] == pytest.approx(a["accuracy"].mean())
+    classical = base[base["baseline_kind"] == "classical"].iloc[0]
+    assert classical["baseline"] == "lesionload-logreg"
+    page = (report_dir / "index.html").read_text()
+    assert 'id="baselines"' in page and "Deep models against the shortcut" in page
+    if row["margin"] <= 0:
+        assert "did not beat the shortcut" in page
+
+
 def test_lesion_sources_are_reported(report_dir, small_run):
     """cv records, per class, how many lesion maps were given or segmented; the report states it
     and warns only when the classes differ (all given here)."""
@@ -121,7 +145,7 @@ def test_lesion_sources_are_reported(report_dir, small_run):
     table = meta["cohort"]["lesion_source"]
     assert table == {k: {"given": n, "segmented": 0} for k, n in counts.items()}
     page = (report_dir / "index.html").read_text()
-    assert "Lesion maps:" in page and 'class="warn"' not in page
+    assert "Lesion maps:" in page and "segmented maps differs" not in page
     assert meta["cohort"]["segmented"] == [] and not (report_dir / "lesion_source.tsv").exists()
     assert not json.loads((report_dir / "report.json").read_text())["lesion_source"]["unbalanced"]
 

@@ -113,7 +113,7 @@ def test_synthetic_flair_lesions_are_found(phantom_cohort):
         else:  # a lesion-free phantom: (almost) nothing found
             assert seg.sum() * np.prod(zooms) < 100
     print("phantom Dice per subject", np.round(dices, 3), "pooled", round(2 * inter / total, 3))
-    # measured on 16 such phantoms: 0.46 (a 0.2 ml load) to 0.88; pooled here 0.68
+    # lesions at the realistic contrast (1.3-1.5x white matter): pooled Dice here 0.76
     assert dices and 2 * inter / total >= 0.6
     # the thresholds matter: seeds no lesion reaches find nothing
     assert not segment_wmh(flair, zooms, params=WMHParams(high=500, low=500)).any()
@@ -233,17 +233,23 @@ def test_bilateral_cst_lesions_are_kept_by_prepare_but_not_by_segment():
     """The documented limit of the symmetry step, on a phantom with NMOSD-typical corticospinal
     lesions on both sides (1.7 ml a side): `segment`'s default drops the pair, --keep-symmetric
     (prepare's default) keeps it."""
-    from nmosd_ms.phantom.anatomy import CST_PATH_RIGHT, load_anatomy, mirror
+    from nmosd_ms.phantom.anatomy import CST_PATH_RIGHT, load_anatomy, mirror, sample_path
     from nmosd_ms.phantom.generate import synth_flair
-    from nmosd_ms.phantom.lesions import paint_tube
+    from nmosd_ms.phantom.lesions import Lesion, paint
 
     anat = load_anatomy(2)
-    lesion = np.zeros(anat.shape, bool)
-    for path, seed in ((CST_PATH_RIGHT, 0), (mirror(CST_PATH_RIGHT), 1)):
-        paint_tube(lesion, anat, path, 3.0, np.random.default_rng(seed), 0.25, 0.65)
-    lesion &= anat.brain & ~anat.lat_vent
+    tubes = []
+    for path in (CST_PATH_RIGHT, mirror(CST_PATH_RIGHT)):
+        pts = sample_path(path, 1.0)
+        part = pts[int(len(pts) * 0.25) : int(len(pts) * 0.65)]
+        tubes.append(Lesion("nmosd_cst", np.pi * 9 * len(part), tube=(part, 3.0)))
+    lesion = paint(tubes, anat)
     assert 2.0 < lesion.sum() * np.prod(anat.zooms) / 1000 < 4.0
     flair = synth_flair(anat, lesion, np.random.default_rng(2))
+    # at the phantom's realistic contrast (1.3-1.5x white matter) the segmentation finds few
+    # thin tract lesions at all; this test is about the symmetry step, so the lesions are made
+    # as bright as the first phantom drew them (1.85x), where both sides are found
+    flair = np.where(lesion, flair * 1.85 / 1.4, flair).astype(np.float32)
     kept = segment_wmh(flair, anat.zooms, params=WMHParams(drop_symmetric=False))
     dropped = segment_wmh(flair, anat.zooms)
     recall = (kept & lesion).sum() / lesion.sum(), (dropped & lesion).sum() / lesion.sum()

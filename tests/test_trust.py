@@ -208,7 +208,7 @@ def test_identical_writers_share_the_folds_and_train_each_once(small_run, prepar
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     trained = [int(re.search(r"\((\d+) fold\(s\) trained by this command", o)[1]) for o in outputs]
-    assert sum(trained) == 12, outputs  # 2 models x 2 repeats x 3 folds, each trained once
+    assert sum(trained) == 18, outputs  # 3 models x 2 repeats x 3 folds, each trained once
     writers = {
         json.loads(p.read_text())["writer"]["pid"] for p in out.glob("folds/*/repeat-*/*.json")
     }
@@ -515,6 +515,7 @@ def test_inner_validation_uses_the_fitted_set_in_the_correction(prepared_small, 
         repeats=1,
         folds=3,
         train=TrainConfig(epochs=2, batch_size=4, inner_val=0.25, patience=1),
+        shortcut=False,
     )
     run_cv(prepared_small, tmp_path / "r", cfg, device="cpu", threads=1)
     folds = _tsv(tmp_path / "r" / "results/folds.tsv")

@@ -292,15 +292,38 @@ def phantom(
     n_nmosd: Annotated[int, typer.Option(min=0, help="NMOSD-like subjects")] = 41,
     n_ms: Annotated[int, typer.Option(min=0, help="MS-like subjects")] = 47,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same cohort)")] = 0,
-    difficulty: Annotated[str, typer.Option(help="easy | paper | hard (class overlap)")] = "paper",
+    difficulty: Annotated[
+        str,
+        typer.Option(
+            help="easy | paper | spatial | hard: how much the classes differ in lesion load and "
+            "in lesion pattern (spatial: identical loads, the pattern is the only signal)"
+        ),
+    ] = "paper",
     resolution: Annotated[int, typer.Option(help="template resolution in mm (1 or 2)")] = 2,
     workers: Annotated[int, typer.Option(min=1, help="subjects generated in parallel")] = 1,
+    lesion_free_fraction: Annotated[
+        float,
+        typer.Option(
+            help="share of NMOSD subjects without brain lesions (default 0: as in the paper, "
+            "every patient has lesions; 0.35-0.40 of AQP4-NMOSD patients in general)"
+        ),
+    ] = 0.0,
 ):
     """Generate a synthetic NMOSD/MS cohort (BIDS) from the MNI152 template."""
     from .phantom import generate_cohort
 
     with Bar("phantom") as bar:
-        df = generate_cohort(out_dir, n_nmosd, n_ms, seed, difficulty, resolution, workers, bar)
+        df = generate_cohort(
+            out_dir,
+            n_nmosd,
+            n_ms,
+            seed,
+            difficulty,
+            resolution,
+            workers,
+            bar,
+            lesion_free_fraction=lesion_free_fraction,
+        )
     counts = df["diagnosis"].value_counts()
     out.print(
         f"wrote {len(df)} subjects ({counts.get('NMOSD', 0)} NMOSD, "
@@ -330,6 +353,13 @@ def cv(
     threads: Annotated[
         int, typer.Option(min=0, help="torch threads per fold (0: all cores / per Dask worker)")
     ] = 0,
+    shortcut: Annotated[
+        bool,
+        typer.Option(
+            help="also run lesionload-stump (the best single threshold on lesion load), so the "
+            "report shows the shortcut beside each deep model"
+        ),
+    ] = True,
     train_values: dict | None = None,
     train_given: set | None = None,
 ):
@@ -348,6 +378,7 @@ def cv(
         seed=seed,
         model_sizes=_parse_model_sizes(model_size or []),
         train=train,
+        shortcut=shortcut,
     )
     if device not in ("auto", "cpu", "cuda"):
         raise NmosdError("--device must be auto, cpu or cuda")
@@ -364,7 +395,7 @@ def cv(
             threads=threads,
         )
     out.print(
-        f"cv finished: {', '.join(config.models)} -> {out_dir}/results/folds.tsv "
+        f"cv finished: {', '.join(config.run_models)} -> {out_dir}/results/folds.tsv "
         f"({meta['trained_here']} fold(s) trained by this command)",
         markup=False,
         soft_wrap=True,
@@ -434,7 +465,7 @@ def demo(
         Path, typer.Option("--out", help="folder for everything the demo writes")
     ] = (Path("demo-output")),
     seed: Annotated[int, typer.Option()] = 0,
-    difficulty: Annotated[str, typer.Option(help="easy | paper | hard")] = "paper",
+    difficulty: Annotated[str, typer.Option(help="easy | paper | spatial | hard")] = "paper",
     repeats: Annotated[int, typer.Option(min=1)] = 1,
 ):
     """The whole workflow on the built-in synthetic cohort (41 NMOSD / 47 MS), in minutes."""

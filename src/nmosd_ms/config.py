@@ -94,6 +94,21 @@ class CVConfig(_Options):
         description="per-model input size S when smaller than the cache (e.g. resnet3d-18=48)",
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
+    shortcut: bool = Field(
+        True,
+        description=(
+            "also run lesionload-stump, the best single threshold on lesion load (seconds of "
+            "CPU), so that every report shows the shortcut beside each deep model"
+        ),
+    )
+
+    @property
+    def run_models(self) -> tuple[str, ...]:
+        """The models a run trains: ``models``, plus the shortcut baseline when asked for."""
+        extra = (
+            ("lesionload-stump",) if self.shortcut and "lesionload-stump" not in self.models else ()
+        )
+        return (*self.models, *extra)
 
     @field_validator("models")
     @classmethod

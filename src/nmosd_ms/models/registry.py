@@ -116,6 +116,11 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("resnet3d-18", "resnet3d", "paper baseline: 3D ResNet-18 (Hara et al.)", 18),
         ModelSpec("resnet3d-34", "resnet3d", "paper baseline: 3D ResNet-34 (Hara et al.)", 34),
         ModelSpec(
+            "lesionload-stump",
+            "lesionload",
+            "shortcut: the best single threshold on lesion count or volume (depth-1 tree)",
+        ),
+        ModelSpec(
             "lesionload-logreg",
             "lesionload",
             "classical: standardised logistic regression on lesion-load features",

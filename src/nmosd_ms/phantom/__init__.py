@@ -2,6 +2,14 @@
 
 from .anatomy import Anatomy, load_anatomy
 from .generate import DIFFICULTIES, generate_cohort
-from .lesions import sample_lesion_map
+from .lesions import paint, sample_lesion_map, sample_lesions
 
-__all__ = ["DIFFICULTIES", "Anatomy", "generate_cohort", "load_anatomy", "sample_lesion_map"]
+__all__ = [
+    "DIFFICULTIES",
+    "Anatomy",
+    "generate_cohort",
+    "load_anatomy",
+    "paint",
+    "sample_lesion_map",
+    "sample_lesions",
+]

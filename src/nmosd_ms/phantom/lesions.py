@@ -1,86 +1,155 @@
-"""Lesion-pattern samplers for MS-like and AQP4-NMOSD-like subjects (MNI space).
+"""Lesion patterns of MS-like and AQP4-NMOSD-like subjects, drawn in MNI space and painted on each
+subject's own voxel grid.
 
-Numbers come from ``phantom_priors.md`` (tags there say how sure each is):
+Two independent knobs set how the classes differ (``phantom_priors.md`` has the sources):
 
-MS: lesion volume lognormal (median set by the difficulty, 0.3-50 ml); ovoid lesions 3-15 mm,
-axis ratio 1.5-3; periventricular lesions with their long axis along the ventricle-distance
-gradient (perpendicular to the ventricle: Dawson fingers); also juxtacortical, deep, infratentorial,
-callosal-undersurface and inferior-temporal lesions.
+- **load**: how many lesions a subject has and how large they are. Both classes draw counts and
+  volumes from one family of distributions (lognormal, fitted to the 20 real MS patients of
+  ``shared/data``: lesions of at least 24 mm³, median 31 per patient, lesion volume median
+  ~60 mm³ with a heavy tail); ``Difficulty.load_ratio`` and ``size_ratio`` scale NMOSD's medians.
+  At 1.0 the two classes' loads are drawn identically.
+- **pattern**: where a lesion lies and what shape it has. Each lesion is placed at one of its
+  class's *typical* sites with probability ``Difficulty.specific``, else at a *shared* site with
+  a shared shape (deep and subcortical white matter, periventricular, near-round, any
+  orientation). Typical MS: ovoid periventricular lesions with their long axis perpendicular to
+  the ventricle (Dawson fingers), juxtacortical, infratentorial, callosal undersurface,
+  inferior temporal. Typical NMOSD: thin bands hugging the lateral ventricles, periependymal
+  3rd/4th ventricle and area postrema, diencephalon, long full-thickness callosal and long
+  corticospinal-tract lesions, large confluent hemispheric lesions. A lesion's volume is drawn
+  before its site, so the pattern knob never changes the load.
 
-NMOSD: ~37 % no brain lesion; most others few (<=12) punctate (<5 mm) subcortical/deep dots;
-a minority with typical lesions (periependymal 3rd ventricle/aqueduct, 4th ventricle/area
-postrema, hypothalamus/thalamus, long full-thickness callosal, long corticospinal-tract, large
-confluent hemispheric, pencil-thin periependymal lateral-ventricle bands); some MS-like.
+Every lesion is a continuous shape in MNI millimetres. It is painted directly on the subject's
+output grid (after its random rigid motion), volume-preserving: the fraction of each voxel inside
+the shape is measured on a 3×3×3 sub-grid, and the ``round(volume / voxel)`` most-covered voxels
+(at least one) are set, so the written masks hold the volumes drawn (tested), instead of small
+lesions vanishing when a template-space mask is resampled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from .anatomy import CC_PATH, CST_PATH_RIGHT, Anatomy, mirror, sample_path
+from .anatomy import CC_PATH, CST_PATH_RIGHT, DECAY_MM, Anatomy, mirror, sample_path
 
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Mixture weights of the phenotypes; overlap grows from easy to hard."""
+    """How the classes differ: lesion load (``load_ratio``, ``size_ratio``: NMOSD's median
+    lesion count and lesion volume as a fraction of MS's; 1 = drawn identically) and lesion
+    pattern (``specific``: the share of each class's lesions at its typical sites)."""
 
-    nmosd: dict[str, float]
-    ms: dict[str, float]
-    ms_median_ml: float
-    mslike_median_ml: float
+    load_ratio: float
+    size_ratio: float
+    specific: float
+    description: str = ""
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
-    "easy": Difficulty(
-        nmosd={"none": 0.37, "dots": 0.28, "typical": 0.30, "ms-like": 0.05},
-        ms={"ms-typical": 1.0, "ms-low-load": 0.0},
-        ms_median_ml=7.0,
-        mslike_median_ml=2.0,
-    ),
+    "easy": Difficulty(0.35, 0.6, 0.85, "strong load difference and strong patterns"),
     "paper": Difficulty(
-        nmosd={"none": 0.37, "dots": 0.28, "typical": 0.17, "ms-like": 0.18},
-        ms={"ms-typical": 0.78, "ms-low-load": 0.22},
-        ms_median_ml=5.0,
-        mslike_median_ml=1.5,
+        0.75,
+        0.85,
+        0.55,
+        "the paper's task: every patient has lesions, loads overlap, patterns differ in part",
     ),
-    "hard": Difficulty(
-        nmosd={"none": 0.35, "dots": 0.30, "typical": 0.10, "ms-like": 0.25},
-        ms={"ms-typical": 0.62, "ms-low-load": 0.38},
-        ms_median_ml=3.0,
-        mslike_median_ml=1.5,
-    ),
+    "spatial": Difficulty(1.0, 1.0, 0.8, "identical loads: the pattern is the only signal"),
+    "hard": Difficulty(0.9, 0.95, 0.12, "loads and patterns nearly alike"),
 }
 
-MS_REGIONS = {  # share of lesions per region (Duan 2021 frequencies, LPM peaks periventricular)
-    "periventricular": 0.40,
-    "deep": 0.22,
-    "juxtacortical": 0.16,
-    "infratentorial": 0.08,
-    "callosal": 0.08,
-    "inferior_temporal": 0.06,
+#: MS lesion count and volume, set to match the 20 real MS patients of shared/data (Lesjak 2017,
+#: MNI masks, lesions of >= 24 mm^3): count median 31 (IQR 14-56), lesion volume median 58 mm^3
+#: (log-SD 1.2) with a heavy tail of confluent lesions (99th percentile 7.5 ml), total median
+#: 15.5 ml (IQR 5-30). A per-patient severity couples count and size, as in real patients.
+MS_COUNT_MEDIAN, COUNT_LOG_SD, COUNT_COUPLING = 31.0, 0.8, 0.8
+MS_SIZE_MEDIAN_MM3, SIZE_LOG_SD, SIZE_COUPLING = 60.0, 1.25, 0.4
+CONFLUENT_SHARE, CONFLUENT_MEDIAN_MM3 = 0.075, 4000.0
+MAX_TOTAL_MM3 = 60_000.0  # the heaviest of the 20 real patients: 52 ml
+SIZE_RANGE_MM3 = (24.0, 25_000.0)
+COUNT_RANGE = (1, 150)
+#: The largest lesion (mm^3) a site holds; larger ones go to sites that can hold them.
+CAPACITY_MM3 = {
+    "ms_callosal": 600.0,
+    "ms_infratentorial": 2500.0,
+    "nmosd_3v": 1200.0,
+    "nmosd_4v": 1200.0,
+    "nmosd_diencephalon": 1800.0,
+    "nmosd_lv_band": 3000.0,
+    "nmosd_callosal": 5000.0,
+    "nmosd_cst": 4000.0,
 }
-DOT_REGIONS = {"deep": 0.5, "juxtacortical": 0.3, "periventricular": 0.2}
-TYPICAL_NMOSD = {
-    "periependymal_3v": 0.17,
-    "periependymal_4v": 0.17,
-    "diencephalon": 0.16,
-    "long_callosal": 0.12,
-    "long_cst": 0.12,
-    "confluent": 0.14,
-    "periependymal_lv": 0.12,
+
+MS_SITES = {
+    "ms_periventricular": 0.70,
+    "ms_juxtacortical": 0.12,
+    "ms_callosal": 0.08,
+    "ms_infratentorial": 0.05,
+    "ms_temporal": 0.05,
 }
+NMOSD_SITES = {
+    "nmosd_lv_band": 0.22,
+    "nmosd_3v": 0.12,
+    "nmosd_4v": 0.12,
+    "nmosd_diencephalon": 0.12,
+    "nmosd_callosal": 0.14,
+    "nmosd_cst": 0.16,
+    "nmosd_confluent": 0.12,
+}
+SHARED_SITES = {"white_matter": 0.9, "juxtacortical": 0.1}
+#: Small typical NMOSD sites hold one lesion each (several would merge into one component
+#: and change the lesion count, a load signal the pattern knob must not create).
+SINGLE_SITES = {"nmosd_3v", "nmosd_4v", "nmosd_diencephalon", "nmosd_callosal"}
 
 
-def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
-    keys = list(weights)
-    p = np.array([weights[k] for k in keys], dtype=float)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+@dataclass
+class Lesion:
+    """One lesion: a union of ellipsoids (or a tube) in MNI mm, optionally clipped to a region."""
+
+    site: str
+    volume_mm3: float  # as drawn
+    ellipsoids: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    tube: tuple[np.ndarray, float] | None = None  # (points along the path, radius)
+    clip: str | None = None  # anatomy region the lesion is confined to
+    roughness: float = 0.0
+    waves: np.ndarray | None = None  # random plane waves of the surface roughness
+
+    def bbox_mm(self) -> tuple[np.ndarray, np.ndarray]:
+        pts, rad = [], []
+        for c, semi, _ in self.ellipsoids:
+            pts.append(c)
+            rad.append(float(semi.max()))
+        if self.tube is not None:
+            path, r = self.tube
+            pts += list(path)
+            rad += [r] * len(path)
+        pts, rad = np.array(pts), np.array(rad)[:, None] * (1 + self.roughness) + 1.0
+        return (pts - rad).min(0), (pts + rad).max(0)
+
+    def inside(self, mm: np.ndarray) -> np.ndarray:
+        """Which of the points (N, 3) lie inside the shape."""
+        score = np.full(len(mm), np.inf)
+        for c, semi, axes in self.ellipsoids:
+            q = (mm - c) @ axes.T / semi
+            score = np.minimum(score, (q**2).sum(1))
+        if self.tube is not None:
+            path, r = self.tube
+            d2 = np.full(len(mm), np.inf)
+            for a, b in zip(path[:-1], path[1:], strict=True):
+                ab = b - a
+                t = np.clip(((mm - a) @ ab) / max(ab @ ab, 1e-9), 0, 1)
+                d2 = np.minimum(d2, ((mm - a - t[:, None] * ab) ** 2).sum(1))
+            score = np.minimum(score, d2 / r**2)
+        if self.roughness > 0 and self.waves is not None:
+            k, phase = self.waves[:, :3], self.waves[:, 3]
+            noise = np.sin(mm @ k.T + phase).sum(1) / np.sqrt(len(phase) / 2)
+            score = score * (1 + self.roughness * noise)
+        return score <= 1.0
 
 
-def _orthonormal(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _frame(direction, rng) -> np.ndarray:
+    """Orthonormal axes (3, 3), the first along ``direction``."""
+    d = np.asarray(direction, float)
     d = d / max(np.linalg.norm(d), 1e-9)
     a = rng.normal(size=3)
     a -= a @ d * d
@@ -88,165 +157,254 @@ def _orthonormal(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.stack([d, a, np.cross(d, a)])
 
 
-def paint_ellipsoid(
-    mask: np.ndarray, anat: Anatomy, centre_mm, semi_axes_mm, direction, rng, roughness=0.0
-) -> None:
-    """Set voxels inside an ellipsoid (long axis along ``direction``) in ``mask``."""
-    axes = _orthonormal(np.asarray(direction, float), rng)
-    r = float(max(semi_axes_mm)) * (1 + roughness) + 1
-    c_vox = anat.to_vox(centre_mm)[0]
-    half = np.ceil(r / anat.zooms).astype(int)
-    lo = np.maximum(np.floor(c_vox).astype(int) - half, 0)
-    hi = np.minimum(np.floor(c_vox).astype(int) + half + 2, anat.shape)
-    if np.any(hi <= lo):
-        return
-    idx = np.stack(
-        np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1
-    )
-    p = (idx - c_vox) * anat.zooms  # axis-aligned affine: voxel offset x zoom = mm offset
-    q = p @ axes.T / np.asarray(semi_axes_mm, float)
-    rad = (q**2).sum(-1)
-    if roughness > 0:
-        noise = ndimage.gaussian_filter(rng.normal(size=rad.shape), 1.5)
-        rad = rad * (1 + roughness * noise / max(noise.std(), 1e-6))
-    mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] |= rad <= 1.0
+def _ellipsoid_for_volume(volume, ratio, rng):
+    """Semi-axes (long, short, short') of an ellipsoid of ``volume`` mm^3 and axis ratio."""
+    third = rng.uniform(0.8, 1.2)
+    a = (volume / (4 / 3 * np.pi) * ratio**2 / third) ** (1 / 3)
+    return np.array([a, a / ratio, a / ratio * third])
 
 
-def paint_tube(mask, anat, path_mm, radius_mm, rng, start=0.0, stop=1.0) -> None:
-    pts = sample_path(path_mm, step=1.0)
-    a, b = int(len(pts) * start), max(int(len(pts) * stop), int(len(pts) * start) + 1)
-    for p in pts[a:b]:
-        r = radius_mm * rng.uniform(0.8, 1.2)
-        paint_ellipsoid(mask, anat, p, (r, r, r), (1, 0, 0), rng)
+#: Large lesions (confluent) lie against the ventricles: their centres are drawn with a
+#: shorter decay, so that their extent does not carry lesion mass far into the white matter.
+LARGE_MM3, LARGE_DECAY_MM = 500.0, 7.0
 
 
-def _random_point(anat: Anatomy, region: str, rng) -> tuple[np.ndarray, np.ndarray]:
-    flat = anat.regions[region]
-    v = np.array(np.unravel_index(flat[rng.integers(flat.size)], anat.shape))
+def _point(anat: Anatomy, region: str, rng, volume: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A random point of ``region``; ``white_matter``: supratentorial white matter with MS's
+    periventricular density (most lesions near the ventricles, fewer further out)."""
+    if region == "white_matter":
+        decay = LARGE_DECAY_MM if volume > LARGE_MM3 else DECAY_MM
+        flat, cum = anat.periventricular_density(decay)
+        pick = flat[min(int(np.searchsorted(cum, rng.random())), flat.size - 1)]
+    else:
+        flat = anat.regions[region]
+        pick = flat[rng.integers(flat.size)]
+    v = np.array(np.unravel_index(pick, anat.shape))
     return anat.to_mm(v + rng.uniform(-0.5, 0.5, 3))[0], v
 
 
-def _ms_lesion(mask, anat, region, rng, scale=1.0) -> None:
-    centre, v = _random_point(anat, region, rng)
-    diameter = float(np.clip(rng.lognormal(np.log(6.0 * scale), 0.45), 3.0, 15.0))
-    ratio = rng.uniform(1.5, 3.0)
-    long_axis = diameter / 2
-    short = long_axis / ratio
-    if region in ("periventricular", "callosal"):
-        direction = anat.grad_lat[:, v[0], v[1], v[2]]  # Dawson finger: perpendicular to the LV
-    else:
-        direction = rng.normal(size=3)
-    paint_ellipsoid(
-        mask, anat, centre, (long_axis, short, short * rng.uniform(0.8, 1.2)), direction, rng
-    )
+def _waves(rng, n=6, wavelength=(6.0, 12.0)) -> np.ndarray:
+    k = rng.normal(size=(n, 3))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    k *= (2 * np.pi / rng.uniform(*wavelength, size=n))[:, None]
+    return np.concatenate([k, rng.uniform(0, 2 * np.pi, (n, 1))], axis=1)
 
 
-def _finish(mask: np.ndarray, anat: Anatomy) -> np.ndarray:
-    return mask & anat.brain & ~anat.lat_vent
-
-
-def sample_ms(anat: Anatomy, rng, median_ml: float, low_load: bool = False) -> np.ndarray:
-    mask = np.zeros(anat.shape, dtype=bool)
-    voxel_ml = float(np.prod(anat.zooms)) / 1000
-    if low_load:  # few small lesions, no Dawson fingers: the MS that looks like NMOSD
-        for _ in range(int(rng.integers(1, 7))):
-            _ms_lesion(
-                mask,
-                anat,
-                _choice(rng, {"deep": 0.5, "juxtacortical": 0.3, "periventricular": 0.2}),
-                rng,
-                scale=0.6,
-            )
-        return _finish(mask, anat)
-    target = float(np.clip(rng.lognormal(np.log(median_ml), 0.9), 0.3, 50.0))
-    allowed = anat.brain & ~anat.lat_vent
-    for i in range(150):
-        _ms_lesion(mask, anat, _choice(rng, MS_REGIONS), rng)
-        if i % 4 == 3 and (mask & allowed).sum() * voxel_ml >= target:
-            break
-    return _finish(mask, anat)
-
-
-def _dots(mask, anat, rng, n) -> None:
-    for _ in range(n):
-        centre, _ = _random_point(anat, _choice(rng, DOT_REGIONS), rng)
-        r = rng.uniform(1.5, 2.5)  # diameter 3-5 mm (punctate; >= 3 mm counts as a lesion)
-        paint_ellipsoid(
-            mask, anat, centre, (r, r, r * rng.uniform(0.7, 1.0)), rng.normal(size=3), rng
+def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> Lesion:
+    """A lesion of ``volume`` mm^3 at ``site`` with the site's shape (``side``: +1 right,
+    -1 left, 0 random, for one-sided tracts)."""
+    les = Lesion(site, volume)
+    if site in ("white_matter", "juxtacortical"):  # shared: near-round, any direction
+        c, _ = _point(anat, site, rng, volume)
+        semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, 1.4), rng)
+        les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
+    elif site.startswith("ms_"):
+        region = {
+            "ms_periventricular": "white_matter",
+            "ms_juxtacortical": "juxtacortical",
+            "ms_infratentorial": "infratentorial",
+            "ms_callosal": "callosal",
+            "ms_temporal": "inferior_temporal",
+        }[site]
+        c, v = _point(anat, region, rng, volume)
+        ratio = rng.uniform(1.5, 3.0)
+        if region in ("white_matter", "callosal"):  # Dawson finger: along the gradient
+            direction = anat.grad_lat[:, v[0], v[1], v[2]]
+        else:
+            direction = rng.normal(size=3)
+        les.ellipsoids.append(
+            (c, _ellipsoid_for_volume(volume, ratio, rng), _frame(direction, rng))
         )
-
-
-def _typical(mask, anat, kind, rng) -> None:
-    side = 1 if rng.random() < 0.5 else -1
-    if kind in ("periependymal_3v", "periependymal_4v", "diencephalon", "periependymal_lv"):
-        flat = anat.regions[kind]
-        centre, _ = _random_point(anat, kind, rng)
-        grow = rng.uniform(4.0, 9.0) if kind != "periependymal_lv" else rng.uniform(8, 16)
-        region = np.zeros(anat.shape, dtype=bool)
-        region.flat[flat] = True
-        blob = np.zeros(anat.shape, dtype=bool)
-        axes = (grow, grow * 0.6, grow * 0.6)
-        paint_ellipsoid(blob, anat, centre, axes, rng.normal(size=3), rng, roughness=0.2)
-        mask |= blob & region  # lesion hugs the ependyma: only the periependymal band
-    elif kind == "long_callosal":
-        start = rng.uniform(0.0, 0.4)
-        paint_tube(
-            mask, anat, CC_PATH, rng.uniform(3.5, 5.5), rng, start, start + rng.uniform(0.5, 0.6)
-        )
-    elif kind == "long_cst":
-        path = CST_PATH_RIGHT if side > 0 else mirror(CST_PATH_RIGHT)
-        start = rng.uniform(0.15, 0.35)
-        paint_tube(
-            mask, anat, path, rng.uniform(2.5, 4.0), rng, start, start + rng.uniform(0.3, 0.5)
-        )
-    elif kind == "confluent":
-        centre, _ = _random_point(anat, "deep", rng)
-        a = rng.uniform(12.0, 20.0)
-        paint_ellipsoid(
-            mask,
-            anat,
-            centre,
-            (a, a * rng.uniform(0.5, 0.8), a * 0.6),
-            rng.normal(size=3),
-            rng,
-            roughness=0.35,
-        )
+    elif site == "nmosd_lv_band":  # pencil-thin, hugging the ependyma, parallel to it
+        c, v = _point(anat, "periependymal_lv", rng)
+        g = anat.grad_lat[:, v[0], v[1], v[2]]
+        along = np.cross(g, rng.normal(size=3))
+        semi = _ellipsoid_for_volume(volume, rng.uniform(3.0, 5.0), rng)
+        les.ellipsoids.append((c, semi, _frame(along, rng)))
+        les.clip = "periependymal_lv"
+    elif site in ("nmosd_3v", "nmosd_4v", "nmosd_diencephalon"):
+        region = {
+            "nmosd_3v": "periependymal_3v",
+            "nmosd_4v": "periependymal_4v",
+            "nmosd_diencephalon": "diencephalon",
+        }[site]
+        c, _ = _point(anat, region, rng)
+        semi = _ellipsoid_for_volume(volume, rng.uniform(1.2, 2.0), rng)
+        les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
+        les.clip, les.roughness, les.waves = region, 0.2, _waves(rng)
+    elif site in ("nmosd_callosal", "nmosd_cst"):  # long lesions along a tract
+        if site == "nmosd_callosal":
+            path, radius = sample_path(CC_PATH, 1.0), rng.uniform(3.0, 5.0)
+        else:
+            right = side > 0 if side else rng.random() < 0.5
+            tract = CST_PATH_RIGHT if right else mirror(CST_PATH_RIGHT)
+            path, radius = sample_path(tract, 1.0), rng.uniform(2.0, 3.5)
+        length = volume / (np.pi * radius**2)
+        if length < 4 * radius:  # too little volume for a tube: a short, thick segment
+            radius = (volume / (np.pi * 4)) ** (1 / 3)
+            length = 4 * radius
+        n = int(np.clip(round(length), 2, len(path)))
+        start = int(rng.integers(0, len(path) - n + 1))
+        part = path[start : start + n]
+        # the path is a polyline sampled every mm: every 6th point (and the last) keeps its
+        # course within a fraction of a mm and makes the distance test 6x cheaper
+        les.tube = (np.concatenate([part[:-1:6], part[-1:]]), radius)
+    elif site == "nmosd_confluent":
+        c, _ = _point(anat, "deep", rng)
+        semi = _ellipsoid_for_volume(volume, rng.uniform(1.2, 1.8), rng)
+        les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
+        les.roughness, les.waves = 0.3, _waves(rng)
     else:  # pragma: no cover
-        raise ValueError(kind)
+        raise ValueError(site)
+    return les
 
 
-def sample_nmosd(anat: Anatomy, rng, phenotype: str, mslike_median_ml: float) -> np.ndarray:
-    mask = np.zeros(anat.shape, dtype=bool)
-    if phenotype == "none":
-        return mask
-    if phenotype == "dots":
-        _dots(mask, anat, rng, int(rng.integers(1, 13)))
-    elif phenotype == "typical":
-        for _ in range(1 + int(rng.random() < 0.3)):
-            _typical(mask, anat, _choice(rng, TYPICAL_NMOSD), rng)
-        _dots(mask, anat, rng, int(rng.integers(0, 6)))
-    elif phenotype == "ms-like":
-        return sample_ms(anat, rng, mslike_median_ml)
-    else:  # pragma: no cover
-        raise ValueError(phenotype)
-    return _finish(mask, anat)
+def _choice(rng, weights: dict[str, float]) -> str:
+    keys = list(weights)
+    p = np.array([weights[k] for k in keys], float)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
-def sample_phenotype(rng, diagnosis: str, difficulty: str) -> str:
+def sample_lesions(
+    anat: Anatomy, rng, diagnosis: str, difficulty: str = "paper", lesion_free: bool = False
+) -> list[Lesion]:
+    """One subject's lesions (continuous shapes in MNI mm); none when ``lesion_free``."""
+    if lesion_free:
+        return []
     d = DIFFICULTIES[difficulty]
-    return _choice(rng, d.nmosd if diagnosis == "NMOSD" else d.ms)
+    nmosd = diagnosis == "NMOSD"
+    severity = rng.normal()  # couples count and size within a patient
+    scale = d.size_ratio if nmosd else 1.0
+    count_median = MS_COUNT_MEDIAN * (d.load_ratio if nmosd else 1.0)
+    own = np.sqrt(1 - COUNT_COUPLING**2) * rng.normal()
+    n = int(
+        np.clip(
+            round(count_median * np.exp(COUNT_LOG_SD * (COUNT_COUPLING * severity + own))),
+            *COUNT_RANGE,
+        )
+    )
+    typical = NMOSD_SITES if nmosd else MS_SITES
+    lesions, used, total = [], set(), 0.0
+    for _ in range(n):
+        if total >= MAX_TOTAL_MM3 * scale:
+            break
+        if rng.random() < CONFLUENT_SHARE:
+            median, spread = CONFLUENT_MEDIAN_MM3, 0.7
+        else:
+            median, spread = MS_SIZE_MEDIAN_MM3, SIZE_LOG_SD
+        volume = float(
+            np.clip(
+                scale * median * np.exp(SIZE_COUPLING * severity + spread * rng.normal()),
+                *SIZE_RANGE_MM3,
+            )
+        )
+        volume = max(min(volume, MAX_TOTAL_MM3 * scale - total), SIZE_RANGE_MM3[0])
+        if rng.random() < d.specific:
+            weights = {
+                k: w
+                for k, w in typical.items()
+                if k not in used and CAPACITY_MM3.get(k, np.inf) >= volume
+            }
+            site = _choice(rng, weights)
+            if site in SINGLE_SITES:
+                used.add(site)
+        else:
+            site = _choice(rng, SHARED_SITES)
+        if site == "nmosd_cst" and rng.random() < 0.5:  # bilateral, as often in NMOSD
+            lesions += [make_lesion(anat, site, volume / 2, rng, side=s) for s in (1, -1)]
+        else:
+            lesions.append(make_lesion(anat, site, volume, rng))
+        total += volume
+    return lesions
+
+
+def _coverage(les, anat, matrix, inv, offset, allowed, sub_offsets):
+    """(voxels, fraction of each inside the lesion and its allowed region) on the output grid."""
+    shape = np.array(anat.shape)
+    lo_mm, hi_mm = les.bbox_mm()
+    corners = np.array(np.meshgrid(*zip(lo_mm, hi_mm, strict=True), indexing="ij")).reshape(3, -1)
+    t = anat.to_vox(corners.T)
+    v = (inv @ (t - offset).T).T
+    lo = np.maximum(np.floor(v.min(0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(v.max(0)).astype(int) + 2, shape)
+    if np.any(hi <= lo):
+        return np.zeros((0, 3), int), np.zeros(0)
+    vox = np.stack(
+        np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1
+    ).reshape(-1, 3)
+    pts = (vox[:, None, :] + sub_offsets[None]).reshape(-1, 3)
+    tv = pts @ matrix.T + offset
+    hit = les.inside(anat.to_mm(tv))
+    idx = np.round(tv).astype(int)
+    valid = np.all((idx >= 0) & (idx < shape), axis=1)
+    idx = np.where(valid[:, None], idx, 0)
+    keep = valid & allowed[idx[:, 0], idx[:, 1], idx[:, 2]]
+    if les.clip is not None:
+        keep &= anat.region_bool(les.clip)[idx[:, 0], idx[:, 1], idx[:, 2]]
+    return vox, (hit & keep).reshape(len(vox), -1).mean(1)
+
+
+def _scaled(les: Lesion, factor: float) -> Lesion:
+    out = Lesion(les.site, les.volume_mm3, clip=les.clip, roughness=les.roughness, waves=les.waves)
+    out.ellipsoids = [(c, semi * factor, axes) for c, semi, axes in les.ellipsoids]
+    if les.tube is not None:
+        out.tube = (les.tube[0], les.tube[1] * factor)
+    return out
+
+
+def paint(
+    lesions: list[Lesion],
+    anat: Anatomy,
+    matrix: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+    sub: int = 3,
+) -> np.ndarray:
+    """Paint ``lesions`` on the output grid whose voxel ``v`` shows template voxel
+    ``matrix @ v + offset`` (scipy's ``affine_transform`` convention; identity by default).
+
+    Volume-preserving: each lesion's coverage of the output voxels is measured on a ``sub``³
+    sub-grid (confined to its region, the brain and outside the lateral ventricles, all looked
+    up on the template), and its ``round(covered volume / voxel volume)`` most-covered voxels,
+    at least one, are set. A lesion that loses volume to its confinement (a periependymal band,
+    the ventricle beside it, the brain's edge) is enlarged (twice at most) until it holds what
+    was drawn."""
+    matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
+    offset = np.zeros(3) if offset is None else np.asarray(offset, float)
+    inv = np.linalg.inv(matrix)
+    out = np.zeros(anat.shape, dtype=bool)
+    allowed = anat.region_bool("allowed")
+    voxel_mm3 = float(np.prod(anat.zooms))
+    grids = {}
+    for n in range(1, sub + 1):
+        steps = (np.arange(n) + 0.5) / n - 0.5
+        grids[n] = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+
+    def sub_offsets(les: Lesion) -> np.ndarray:
+        # the sub-grid matters for small lesions (a voxel more or less is a large share of
+        # their volume); a large one is measured well enough with fewer samples per voxel
+        volume_vox = les.volume_mm3 / voxel_mm3
+        return grids[sub if volume_vox < 40 else max(1, sub - 1) if volume_vox < 400 else 1]
+
+    for les in lesions:
+        vox, cov = _coverage(les, anat, matrix, inv, offset, allowed, sub_offsets(les))
+        for _ in range(2):
+            held = cov.sum() * voxel_mm3
+            if held >= 0.85 * les.volume_mm3:
+                break
+            factor = float(np.clip(np.sqrt(les.volume_mm3 / max(held, 1.0)), 1.0, 3.0))
+            les = _scaled(les, factor)
+            vox, cov = _coverage(les, anat, matrix, inv, offset, allowed, sub_offsets(les))
+        if not cov.size or cov.max() <= 0:
+            continue
+        k = max(int(round(min(cov.sum(), les.volume_mm3 / voxel_mm3))), 1)
+        chosen = vox[np.argsort(-cov, kind="stable")[:k]]
+        out[chosen[:, 0], chosen[:, 1], chosen[:, 2]] = True
+    return out
 
 
 def sample_lesion_map(
-    anat: Anatomy,
-    rng: np.random.Generator,
-    diagnosis: str,
-    difficulty: str = "paper",
-    phenotype: str | None = None,
-) -> tuple[np.ndarray, str]:
-    """One subject's binary lesion map in template space and its phenotype name."""
-    d = DIFFICULTIES[difficulty]
-    phenotype = phenotype or sample_phenotype(rng, diagnosis, difficulty)
-    if diagnosis == "MS":
-        return sample_ms(anat, rng, d.ms_median_ml, low_load=phenotype == "ms-low-load"), phenotype
-    return sample_nmosd(anat, rng, phenotype, d.mslike_median_ml), phenotype
+    anat: Anatomy, rng: np.random.Generator, diagnosis: str, difficulty: str = "paper"
+) -> tuple[np.ndarray, list[Lesion]]:
+    """One subject's binary lesion map on the template grid and its lesions."""
+    lesions = sample_lesions(anat, rng, diagnosis, difficulty)
+    return paint(lesions, anat), lesions

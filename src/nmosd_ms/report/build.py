@@ -16,6 +16,8 @@ from .. import __version__
 from ..io import atomic_dir, write_json, write_text, write_tsv
 from . import figures
 from .tables import (
+    baselines,
+    baselines_display,
     by_lesion_source,
     chance_level,
     comparisons,
@@ -57,6 +59,25 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+def _baselines_html(base: pd.DataFrame) -> str:
+    if not len(base):
+        return (
+            '<p class="warn">No lesion-load baseline or no deep model in this run, so nothing '
+            "shows whether the deep model beats a lesion counter: run cv with --shortcut (the "
+            "default) or add lesionload-stump to --models.</p>"
+        )
+    lost = base[(base["baseline_kind"] == "shortcut") & ~(base["margin"] > 0)]
+    warn = ""
+    if len(lost):
+        names = ", ".join(sorted(set(lost["model"])))
+        warn = (
+            f'<p class="warn"><b>{_esc(names)} did not beat the shortcut</b>: on this cohort a '
+            "single threshold on lesion load does as well, so its accuracy says nothing about "
+            "what it learnt from the images.</p>"
+        )
+    return warn + _table_html(baselines_display(base), "baselines")
+
+
 def _lesion_source_html(sources: dict | None, within: pd.DataFrame) -> str:
     if sources is None:
         return ""
@@ -96,8 +117,10 @@ def build_report(run_dir: str | Path) -> Path:
 
 
 def _write(run, out: Path) -> None:
-    t2, t3, cmp = table2(run), table3(run), comparisons(run)
+    t2, t3, cmp, base = table2(run), table3(run), comparisons(run), baselines(run)
     write_tsv(out / "table2.tsv", t2)
+    write_tsv(out / "baselines.tsv", base)
+    write_text(out / "baselines.md", to_markdown(baselines_display(base)))
     write_text(out / "table2.md", to_markdown(table2_display(t2)))
     write_tsv(out / "table3.tsv", t3)
     write_text(out / "table3.md", to_markdown(table3_display(t3)))
@@ -165,6 +188,7 @@ def _write(run, out: Path) -> None:
         },
         "device": env["device"],
         "models": run.models,
+        "baselines": base.to_dict("records"),
         "always_wrong": {k: v for k, v in always_wrong.items()},
         "lesion_source": sources,
     }
@@ -204,6 +228,13 @@ clipped to [0, 1]]. With one repeat the SD is undefined. The last column is a se
 labelled as such: each repeat's AUC on its folds' pooled held-out predictions, averaged over
 repeats.</p>
 {_table_html(table2_display(t2), "table2")}
+<h3>Deep models against the shortcut</h3>
+<p class="note">A classifier of lesion maps must be compared with what needs no image: the
+<b>shortcut</b> (lesionload-stump: the best single threshold on lesion count or volume, chosen on
+each training part) and the <b>classical</b> lesion-load baselines (logistic regression / random
+forest on load and coarse location features). Margin = deep model − baseline in mean fold
+accuracy, corrected resampled t-test on the paired folds (baselines.tsv).</p>
+{_baselines_html(base)}
 <h3>Pairwise comparisons</h3>
 <p class="note">Corrected resampled t-test (Nadeau &amp; Bengio 2003; Bouckaert &amp; Frank 2004):
 variance × (1/(k·r) + n_test/n_train), df = k·r − 1; p-values Holm-adjusted across pairs, per
@@ -217,7 +248,7 @@ after a larger one inherits that peak).</p>
 <h2>Figures</h2>
 {"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figs)}
 <h3>Subjects misclassified in every repeat</h3><ul>{wrong_lines}</ul>
-<p class="note">Files: table2.tsv/.md, table3.tsv/.md, comparisons.tsv/.md, subjects.tsv,
+<p class="note">Files: table2.tsv/.md, baselines.tsv/.md, table3.tsv/.md, comparisons.tsv/.md, subjects.tsv,
 {"lesion_source.tsv, " if len(within) else ""}report.json, figures/*.png and *.svg.</p>
 </body></html>
 """

@@ -85,8 +85,8 @@ def roc_curves(run: Run, folder: Path) -> Path:
 
 def confusion_matrices(run: Run, folder: Path) -> Path:
     n = len(run.models)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
-    for ax, model in zip(axes[0], run.models, strict=True):
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.3), squeeze=False)
+    for i, (ax, model) in enumerate(zip(axes[0], run.models, strict=True)):
         p = run.predictions[run.predictions["model"] == model]
         reps = max(p["repeat"].nunique(), 1)
         y = (p["diagnosis"] == "NMOSD").astype(int)
@@ -96,7 +96,7 @@ def confusion_matrices(run: Run, folder: Path) -> Path:
             ax.text(
                 c,
                 r,
-                f"{v:.1f}",
+                f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}",
                 ha="center",
                 va="center",
                 color="white" if v > cm.max() / 2 else "black",
@@ -104,8 +104,10 @@ def confusion_matrices(run: Run, folder: Path) -> Path:
         ax.set_xticks([0, 1], ["MS", "NMOSD"])
         ax.set_yticks([0, 1], ["MS", "NMOSD"])
         ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        if i == 0:  # one "true" label for the row: it overlapped the next panel's ticks
+            ax.set_ylabel("true")
         ax.set_title(model, fontsize=9)
+    fig.tight_layout(w_pad=2.0)
     return _save(fig, folder, "confusion")
 
 

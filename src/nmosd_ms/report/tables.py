@@ -194,23 +194,16 @@ def comparisons(run: Run, metrics=("accuracy", "auc")) -> pd.DataFrame:
     for metric in metrics:
         block = []
         for a, b in itertools.combinations(run.models, 2):
-            fa = run.folds[run.folds["model"] == a].set_index(["repeat", "fold"])
-            fb = run.folds[run.folds["model"] == b].set_index(["repeat", "fold"])
-            common = fa.index.intersection(fb.index)
-            va, vb = fa.loc[common, metric].to_numpy(float), fb.loc[common, metric].to_numpy(float)
-            ok = np.isfinite(va) & np.isfinite(vb)
-            if ok.sum() < 2:
+            va, vb, n_fit, n_test = _paired(run, a, b, metric)
+            if va.size < 2:
                 continue
-            # the models of one run share the splits; with an inner validation split each
-            # was fitted on fewer subjects than the training part: use the smaller set
-            n_fit = min(fa.loc[common, "n_fit"].mean(), fb.loc[common, "n_fit"].mean())
-            res = corrected_resampled_ttest(va[ok], vb[ok], n_fit, fa.loc[common, "n_test"].mean())
+            res = corrected_resampled_ttest(va, vb, n_fit, n_test)
             block.append(
                 {
                     "metric": metric,
                     "model_a": a,
                     "model_b": b,
-                    "folds": int(ok.sum()),
+                    "folds": int(va.size),
                     "k": k,
                     "mean_difference": res.mean_difference,
                     "ci_low": res.ci_low,
@@ -240,6 +233,94 @@ def comparisons(run: Run, metrics=("accuracy", "auc")) -> pd.DataFrame:
         "p_holm",
     ]
     return pd.DataFrame(rows, columns=cols)
+
+
+#: Lesion-load-only models: the shortcuts every deep model must beat (see models.lesionload).
+SHORTCUTS = ("lesionload-stump",)
+
+
+def _paired(run: Run, a: str, b: str, metric: str = "accuracy"):
+    """Paired fold scores of two models of one run (same splits), finite in both, and the
+    sizes for the correction: with an inner validation split a model was fitted on fewer
+    subjects than the training part, so the smaller ``n_fit`` of the two is used."""
+    fa = run.folds[run.folds["model"] == a].set_index(["repeat", "fold"])
+    fb = run.folds[run.folds["model"] == b].set_index(["repeat", "fold"])
+    common = fa.index.intersection(fb.index)
+    va, vb = fa.loc[common, metric].to_numpy(float), fb.loc[common, metric].to_numpy(float)
+    ok = np.isfinite(va) & np.isfinite(vb)
+    n_fit = min(fa.loc[common, "n_fit"].mean(), fb.loc[common, "n_fit"].mean())
+    return va[ok], vb[ok], n_fit, fa.loc[common, "n_test"].mean()
+
+
+def baselines(run: Run) -> pd.DataFrame:
+    """Each deep model beside the best shortcut (lesion load only: ``lesionload-stump``) and the
+    best classical lesion-load baseline (logreg/forest, which also see coarse location) of the
+    run: mean fold accuracy of each, and the difference with the corrected resampled t-test on
+    the paired fold accuracies. "Best" is the highest mean fold accuracy of its kind."""
+    t2 = table2(run).set_index("model")
+    family = {m: run.meta["models"][m].get("family") for m in run.models}
+    deep = [m for m in run.models if family[m] != "lesionload"]
+    kinds = {
+        "shortcut": [m for m in run.models if m in SHORTCUTS],
+        "classical": [m for m in run.models if family[m] == "lesionload" and m not in SHORTCUTS],
+    }
+    rows = []
+    for kind, members in kinds.items():
+        if not members:
+            continue
+        best = max(members, key=lambda m: t2.loc[m, "accuracy_mean"])
+        for model in deep:
+            va, vb, n_fit, n_test = _paired(run, model, best)
+            row = {
+                "model": model,
+                "accuracy": t2.loc[model, "accuracy_mean"],
+                "baseline_kind": kind,
+                "baseline": best,
+                "baseline_accuracy": t2.loc[best, "accuracy_mean"],
+                "margin": math.nan,
+                "ci_low": math.nan,
+                "ci_high": math.nan,
+                "p_value": math.nan,
+            }
+            if va.size >= 2:
+                res = corrected_resampled_ttest(va, vb, n_fit, n_test)
+                row.update(
+                    margin=res.mean_difference,
+                    ci_low=res.ci_low,
+                    ci_high=res.ci_high,
+                    p_value=res.p_value,
+                )
+            rows.append(row)
+    cols = [
+        "model",
+        "accuracy",
+        "baseline_kind",
+        "baseline",
+        "baseline_accuracy",
+        "margin",
+        "ci_low",
+        "ci_high",
+        "p_value",
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def baselines_display(b: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "deep model": b["model"],
+            "accuracy": [_fmt(v) for v in b["accuracy"]],
+            "against": [
+                f"best {k}: {m}" for k, m in zip(b["baseline_kind"], b["baseline"], strict=True)
+            ],
+            "its accuracy": [_fmt(v) for v in b["baseline_accuracy"]],
+            "margin [95 % CI]": [
+                f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]"
+                for d, lo, hi in zip(b["margin"], b["ci_low"], b["ci_high"], strict=True)
+            ],
+            "p": [_fmt(p, 4) for p in b["p_value"]],
+        }
+    )
 
 
 def table3(run: Run) -> pd.DataFrame:

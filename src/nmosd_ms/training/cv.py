@@ -481,9 +481,10 @@ def run_cv(
     Several calls may work on one ``out_dir`` at once when their options agree (see the module
     docstring); everything is validated before the first write.
     """
-    for name in config.models:
+    models = config.run_models
+    for name in models:
         get_spec(name)
-    unknown = set(config.model_sizes) - set(config.models)
+    unknown = set(config.model_sizes) - set(models)
     if unknown:
         raise NmosdError(f"--model-size names a model that is not run: {', '.join(unknown)}")
     if executor not in ("local", "dask"):
@@ -493,7 +494,7 @@ def run_cv(
     cohort = load_prepared(cache_dir)
     check_trainable(cohort.diagnoses, config.folds)
     cache_size = int(cohort.volumes.shape[-1])
-    sizes = {m: config.model_sizes.get(m, cache_size) for m in config.models}
+    sizes = {m: config.model_sizes.get(m, cache_size) for m in models}
     for m, s in sizes.items():
         if s > cache_size or s < 8:
             raise NmosdError(
@@ -513,7 +514,7 @@ def run_cv(
     plan = plan_splits(cohort.labels, config.folds, config.repeats, config.seed)
     splits = splits_frame(cohort.ids, cohort.diagnoses, plan)
     check_no_leak(splits)
-    new_models = {m: _model_info(m, sizes[m], config.train.weights) for m in config.models}
+    new_models = {m: _model_info(m, sizes[m], config.train.weights) for m in models}
 
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
@@ -654,7 +655,7 @@ def _train_all(
             s.train_idx,
             s.test_idx,
         )
-        for m in config.models
+        for m in config.run_models
         for s in plan
     ]
     total = len(tasks)
