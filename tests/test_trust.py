@@ -719,3 +719,38 @@ def test_segmentation_refuses_a_grid_larger_than_any_head_before_working():
     huge = np.broadcast_to(np.float32(0), (side, side, side))  # no memory behind it
     with pytest.raises(NmosdError, match="larger than any head"):
         segment_wmh(huge, (1.0, 1.0, 1.0), None, WMHParams())
+
+
+def _prepare_subprocess(manifest, out):
+    return subprocess.run(
+        [sys.executable, "-m", "nmosd_ms", "prepare", str(manifest), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_an_error_after_the_progress_bar_started_is_still_one_line(tmp_path):
+    """A subject refused mid-run (here the 4th: a mask on another grid) leaves exactly the error
+    line on a non-terminal stderr: no last progress frame, no blank line before it."""
+    manifest = make_manifest_cohort(tmp_path)
+    save_nifti(tmp_path / "sub-03" / "lesion.nii.gz", np.zeros((24, 28, 21), np.uint8))
+    res = _prepare_subprocess(manifest, tmp_path / "c")
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, repr(res.stderr)
+    assert not (tmp_path / "c").exists()
+
+
+def test_header_repairs_and_extreme_values_print_nothing_but_the_result(tmp_path):
+    manifest = make_manifest_cohort(tmp_path)
+    flair = tmp_path / "sub-00" / "flair.nii.gz"
+    data = np.asarray(nib.load(flair).dataobj, np.float32)
+    save_nifti(flair, data * 1e30)  # finite, near float32's range: Otsu's sums overflowed
+    res = _prepare_subprocess(manifest, tmp_path / "c")
+    assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header["pixdim"][1:4] = 0  # nibabel logs a repair of this to stderr
+    img.set_sform(np.diag([0.0, 1.0, 1.0, 1.0]), 1)
+    nib.save(img, str(flair))
+    res = _prepare_subprocess(manifest, tmp_path / "c2")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, repr(res.stderr)
+    assert res.stderr.startswith("error: ") and "invalid affine" in res.stderr

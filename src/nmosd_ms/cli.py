@@ -136,9 +136,19 @@ class Bar:
     def __exit__(self, *exc):
         if self.task is None:  # nothing was shown (e.g. bad input found before any work)
             return
-        if exc[0] is not None:  # on an error, leave only the error line on stderr
-            self.progress.live.transient = True
-        self.progress.__exit__(*exc)
+        if exc[0] is None:
+            self.progress.__exit__(*exc)
+            return
+        # on an error, leave only the error line on stderr: a terminal erases the bar
+        # (transient); elsewhere (a pipe, a log file) stopping would print the last frame and a
+        # blank line before the error, so the console is silenced while the display stops
+        self.progress.live.transient = True
+        quiet = err.quiet
+        err.quiet = quiet or not err.is_terminal
+        try:
+            self.progress.__exit__(*exc)
+        finally:
+            err.quiet = quiet
 
     def __call__(self, done: int, total: int, label: str | None = None) -> None:
         if self.task is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,19 @@ def _check_header(img, path: Path, what: str) -> tuple[int, ...]:
     return shape
 
 
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """nibabel logs header repairs ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1") to
+    stderr; the checks here report what matters as the one error line instead."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load(path: str | Path, what: str = "image", dtype=np.float32) -> Image:
     """Load a 3D NIfTI (a 4D image with a single volume is squeezed); refuse anything unusable.
 
@@ -93,7 +108,8 @@ def load(path: str | Path, what: str = "image", dtype=np.float32) -> Image:
     if not path.is_file():
         raise NmosdError(f"{what} {path} is not a regular file")
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():
+            img = nib.load(str(path))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise NmosdError(f"{what} {path} is not a NIfTI image ({type(img).__name__})")
         shape = _check_header(img, path, what)

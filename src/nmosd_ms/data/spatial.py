@@ -90,6 +90,13 @@ def bounding_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | 
     return tuple(lo), tuple(hi)
 
 
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold computed on values scaled to [0, 1] in float64: the threshold is
+    scale-free, and scanner values near float32's range (seen: 1e32) overflow its sums."""
+    scale = float(np.abs(values).max()) or 1.0
+    return float(threshold_otsu(np.asarray(values, np.float64) / scale)) * scale
+
+
 def head_mask(flair: np.ndarray, max_voxels: int = 2_000_000) -> tuple[np.ndarray, int]:
     """Foreground of a FLAIR: Otsu threshold, then the largest connected component.
 
@@ -101,8 +108,8 @@ def head_mask(flair: np.ndarray, max_voxels: int = 2_000_000) -> tuple[np.ndarra
     values = small[small > 0] if (small > 0).any() else small.ravel()
     if values.size < 2 or values.min() == values.max():
         return np.ones_like(small, dtype=bool), stride
-    thr = threshold_otsu(values if values.size < 4_000_000 else values[:: values.size // 4_000_000])
-    fg = small > thr
+    sample = values if values.size < 4_000_000 else values[:: values.size // 4_000_000]
+    fg = small > otsu_threshold(sample)
     fg = ndimage.binary_opening(fg, iterations=1) if fg.sum() > 1000 else fg
     labels, n = ndimage.label(fg)
     if n > 1:

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scipy.optimize import minimize
-from skimage.filters import threshold_otsu
+
+from ..data.spatial import otsu_threshold
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def brain_mask_from_flair(flair: np.ndarray, zooms) -> np.ndarray:
     values = flair[flair > 0]
     if values.size < 10:
         return np.zeros(flair.shape, bool)
-    fg = flair > threshold_otsu(values)
+    fg = flair > otsu_threshold(values)
     labels, n = ndimage.label(fg)
     if n > 1:
         sizes = np.bincount(labels.ravel())
