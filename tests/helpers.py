@@ -36,3 +36,39 @@ def cached_array(cache, pid: str):
     import numpy as np
 
     return np.load(cached_path(cache, pid))
+
+
+def cv_command(cache, out, *extra, epochs: int = 2) -> list[str]:
+    """``python -m nmosd_ms cv`` with the options of conftest's small run (same folds)."""
+    import sys
+
+    from conftest import SMALL_MODELS
+
+    return [
+        sys.executable,
+        "-m",
+        "nmosd_ms",
+        "cv",
+        str(cache),
+        "--out",
+        str(out),
+        "--models",
+        ",".join(SMALL_MODELS),
+        "--repeats",
+        "2",
+        "--folds",
+        "3",
+        "--seed",
+        "7",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--shift",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        *extra,
+    ]

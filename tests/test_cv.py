@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import RUN_MODELS, make_manifest_cohort, small_cv_config
-from conftest import SMALL_MODELS as MODELS
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, cv_command, run_cli
 
 from nmosd_ms.config import CVConfig, PrepareConfig, TrainConfig
 from nmosd_ms.data.ingest import load_manifest
@@ -116,33 +114,7 @@ def test_changed_options_are_refused(reference_run, prepared_small):
 
 def test_sigkill_then_resume_matches_uninterrupted(reference_run, prepared_small, tmp_path):
     out = tmp_path / "killed"
-    args = [
-        sys.executable,
-        "-m",
-        "nmosd_ms",
-        "cv",
-        str(prepared_small),
-        "--out",
-        str(out),
-        "--models",
-        ",".join(MODELS),
-        "--repeats",
-        "2",
-        "--folds",
-        "3",
-        "--seed",
-        "7",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--shift",
-        "2",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]
+    args = cv_command(prepared_small, out)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("folds/twoview-18/repeat-0/fold-*.json")):

@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, SMALL_MODELS, make_manifest_cohort, save_nifti, small_cv_config
-from helpers import assert_user_error, cached_array, run_cli
+from conftest import ROOT, make_manifest_cohort, save_nifti, small_cv_config
+from helpers import assert_user_error, cached_array, cv_command, run_cli
 
 from nmosd_ms.config import PrepareConfig, TrainConfig
 from nmosd_ms.data import preprocess
@@ -144,37 +144,6 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 # --- one writer per folder; run folders shared by identical writers ----------------------------
 
 
-def _cv_cmd(cache, out, *extra, epochs=2):
-    return [
-        sys.executable,
-        "-m",
-        "nmosd_ms",
-        "cv",
-        str(cache),
-        "--out",
-        str(out),
-        "--models",
-        ",".join(SMALL_MODELS),
-        "--repeats",
-        "2",
-        "--folds",
-        "3",
-        "--seed",
-        "7",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "4",
-        "--shift",
-        "2",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        *extra,
-    ]
-
-
 def _wait_for(predicate, seconds=120):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -186,23 +155,23 @@ def _wait_for(predicate, seconds=120):
 
 def test_a_writer_with_other_options_is_refused_naming_the_holder(prepared_small, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen(_cv_cmd(prepared_small, out, epochs=40), stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(cv_command(prepared_small, out, epochs=40), stderr=subprocess.DEVNULL)
     try:
         assert _wait_for(lambda: list(out.glob("claims/*/repeat-0/fold-0.lock")))
-        res = run_cli(*_cv_cmd(prepared_small, out, epochs=2)[3:])
+        res = run_cli(*cv_command(prepared_small, out, epochs=2)[3:])
         line = assert_user_error(res, "different options", "train")
         assert f"pid {holder.pid}" in line
     finally:
         holder.kill()
         holder.wait()
-    res = run_cli(*_cv_cmd(prepared_small, out, epochs=2)[3:])
+    res = run_cli(*cv_command(prepared_small, out, epochs=2)[3:])
     assert_user_error(res, "holds a run with different options")
 
 
 def test_identical_writers_share_the_folds_and_train_each_once(small_run, prepared_small, tmp_path):
     out = tmp_path / "shared"
     procs = [
-        subprocess.Popen(_cv_cmd(prepared_small, out), stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(cv_command(prepared_small, out), stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -223,7 +192,7 @@ def test_kill_9_leaves_no_lasting_claim_and_its_temporaries_are_cleared(
     small_run, prepared_small, tmp_path
 ):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cv_cmd(prepared_small, out), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cv_command(prepared_small, out), stderr=subprocess.DEVNULL)
     assert _wait_for(lambda: list(out.glob("claims/*/repeat-0/fold-0.lock")))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -232,7 +201,7 @@ def test_kill_9_leaves_no_lasting_claim_and_its_temporaries_are_cleared(
     models.mkdir(parents=True, exist_ok=True)
     (models / ".fold-0.safetensors.x1.tmp.safetensors").write_bytes(b"0" * 1000)
     (out / ".run.json.x2.tmp").write_text("{")
-    res = subprocess.run(_cv_cmd(prepared_small, out), capture_output=True, text=True)
+    res = subprocess.run(cv_command(prepared_small, out), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     a = _tsv(small_run / "results/folds.tsv")[DETERMINISTIC_COLUMNS]
@@ -368,7 +337,7 @@ def test_damaged_run_and_bundle_records_are_one_line(small_run, prepared_small, 
             del meta["options"]["folds"]
             (run / "run.json").write_text(json.dumps(meta))
         assert_user_error(run_cli("report", run), "run.json")
-        assert_user_error(run_cli(*_cv_cmd(prepared_small, run)[3:]), "run.json")
+        assert_user_error(run_cli(*cv_command(prepared_small, run)[3:]), "run.json")
         assert_user_error(
             run_cli("export", run, "--model", "twoview-18", "--out", tmp_path / "x"), "run.json"
         )
@@ -398,7 +367,7 @@ def test_unusable_output_folders_are_refused_before_any_work(small_run, prepared
         run_cli("predict", bundle, "--lesion-mask", mask, "--out", afile / "sub"), "afile"
     )
     assert_user_error(run_cli("prepare", manifest, "--out", afile / "c", "--size", "16"), "afile")
-    assert_user_error(run_cli(*_cv_cmd(prepared_small, afile / "r")[3:]), "afile")
+    assert_user_error(run_cli(*cv_command(prepared_small, afile / "r")[3:]), "afile")
     assert afile.read_text() == "x"
 
 
@@ -441,7 +410,7 @@ def test_bad_weights_are_refused_before_the_first_write(prepared_small, tmp_path
     bad = tmp_path / "bad.pth"
     bad.write_bytes(os.urandom(300))
     for weights in (str(tmp_path / "missing.pth"), str(bad)):
-        res = run_cli(*_cv_cmd(prepared_small, out, "--weights", weights)[3:])
+        res = run_cli(*cv_command(prepared_small, out, "--weights", weights)[3:])
         assert_user_error(res)
         assert res.stderr.startswith("error:")  # the first character: no blank line before it
         assert not out.exists()
@@ -452,10 +421,10 @@ def test_bad_weights_are_refused_before_the_first_write(prepared_small, tmp_path
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(W.torch.hub, "load_state_dict_from_url", offline)
-    res = run_cli(*_cv_cmd(prepared_small, out, "--weights", "imagenet")[3:])
+    res = run_cli(*cv_command(prepared_small, out, "--weights", "imagenet")[3:])
     assert_user_error(res, "offline")
     assert not out.exists()
-    res = run_cli(*_cv_cmd(prepared_small, out, "--repeats", "1", "--folds", "2")[3:])
+    res = run_cli(*cv_command(prepared_small, out, "--repeats", "1", "--folds", "2")[3:])
     assert res.exit_code == 0, res.stderr  # the corrected command runs in the same folder
 
 
@@ -559,7 +528,7 @@ def test_a_device_or_folder_given_as_an_image_is_not_a_regular_file(tmp_path):
 
 def _small_run(prepared_small, run, *options):
     res = run_cli(
-        *_cv_cmd(prepared_small, run)[3:8],
+        *cv_command(prepared_small, run)[3:8],
         "twoview-18",
         "--repeats",
         "1",

@@ -136,6 +136,22 @@ def exclusive(path: str | os.PathLike, what: str, wait: float = 0) -> Lock:
 LOCK_NAME = ".nmosd-ms.lock"
 
 
+def check_own_folder(path: str | os.PathLike, marker: str, what: str) -> None:
+    """Refuse ``path`` as an output folder of kind ``what`` unless it is missing, empty, or
+    already the toolkit's: it holds ``marker`` (the file that describes a finished one) or the
+    lock file of an earlier writer (one killed before it wrote ``marker``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NmosdError(f"--out {path} exists and is not a folder")
+    if (
+        path.is_dir()
+        and any(path.iterdir())
+        and not (path / marker).is_file()
+        and not (path / LOCK_NAME).is_file()
+    ):
+        raise NmosdError(f"--out {path} is a non-empty folder that is not {what}")
+
+
 @contextlib.contextmanager
 def writing_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
     """Create ``path`` if needed and hold its writer lock for the block (a second writer is

@@ -50,7 +50,7 @@ from ..io import (
     write_json,
     write_tsv,
 )
-from ..locking import LOCK_NAME, writing_folder
+from ..locking import check_own_folder, writing_folder
 from . import nifti
 from .features import FEATURES, lesion_features
 from .ingest import Cohort, Subject
@@ -230,18 +230,6 @@ def _reusable(out: Path, pid: str, key: str) -> dict | None:
     return None if seg and not (out / seg).is_file() else rec
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise NmosdError(f"--out {out} exists and is not a folder")
-    if (
-        out.is_dir()
-        and any(out.iterdir())
-        and not (out / "prepare.json").is_file()
-        and not (out / LOCK_NAME).is_file()
-    ):
-        raise NmosdError(f"--out {out} is a non-empty folder that is not a prepare cache")
-
-
 def prepare(
     cohort: Cohort,
     out_dir: str | Path,
@@ -254,7 +242,7 @@ def prepare(
     Returns a summary dict (also the content of prepare.json).
     """
     out = Path(out_dir)
-    _check_out(out)
+    check_own_folder(out, "prepare.json", "a prepare cache")
     with writing_folder(out, "cache"):
         return _prepare_locked(cohort, out, config, workers, progress)
 

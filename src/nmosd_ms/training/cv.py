@@ -62,7 +62,7 @@ from ..io import (
     write_text,
     write_tsv,
 )
-from ..locking import LOCK_NAME, Lock, describe, exclusive
+from ..locking import LOCK_NAME, Lock, check_own_folder, describe, exclusive
 from ..models import get_spec, model_weights
 from ..models.complexity import count_flops, count_parameters
 from .loop import FoldOutput, resolve_device, train_sklearn_fold, train_torch_fold
@@ -441,18 +441,6 @@ def _model_info(name: str, size: int, default_weights: str) -> dict:
 POLL_SECONDS = 2.0
 
 
-def _check_run_folder(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise NmosdError(f"--out {root} exists and is not a folder")
-    if (
-        root.is_dir()
-        and any(root.iterdir())
-        and not (root / "run.json").is_file()
-        and not (root / RunStore.LOCK).is_file()
-    ):
-        raise NmosdError(f"--out {root} exists and is not a cv run folder")
-
-
 def _read_run_json(path: Path) -> dict:
     """run.json as written (options compared as stored), once it validates as a run record."""
     from ..records import RunRecord, load_record
@@ -490,7 +478,7 @@ def run_cv(
     if executor not in ("local", "dask"):
         raise NmosdError(f"--executor must be local or dask, not {executor}")
     root = Path(out_dir)
-    _check_run_folder(root)
+    check_own_folder(root, "run.json", "a cv run folder")
     cohort = load_prepared(cache_dir)
     check_trainable(cohort.diagnoses, config.folds)
     cache_size = int(cohort.volumes.shape[-1])
