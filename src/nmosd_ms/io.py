@@ -23,6 +23,17 @@ import numpy as np
 import pandas as pd
 
 
+def available_memory_bytes() -> int | None:
+    """Memory available to this process now, for checks made before large allocations
+    (``None`` where it cannot be read: the caller then skips that check)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unable to read the machine
+        return None
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux shows it (``os.umask`` can only
     be read by setting it, which races with other threads creating files)."""

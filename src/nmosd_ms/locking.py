@@ -92,6 +92,13 @@ class Lock:
         if self._lock.is_locked:
             self._lock.release(force=True)
 
+    def remove(self) -> None:
+        """Release, then delete the lock file and its holder record (for locks nobody else
+        takes by name, such as a writer's registration)."""
+        self.release()
+        self.path.unlink(missing_ok=True)
+        self.record_path.unlink(missing_ok=True)
+
     def holder(self) -> dict | None:
         """The record of whoever holds the lock now; ``None`` when nobody does."""
         if self.held:

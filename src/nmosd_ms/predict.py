@@ -29,6 +29,7 @@ from .data.preprocess import PreparedSubject, load_prepared, prepare_subject
 from .errors import NmosdError
 from .io import (
     atomic_dir,
+    available_memory_bytes,
     inside,
     read_json,
     sha256_file,
@@ -326,12 +327,10 @@ class Bundle:
 
 def _check_memory(info, folder: Path) -> None:
     """Refuse a bundle whose model size would not fit in memory before torch allocates it."""
-    from .data.nifti import _available_bytes
-
     size = int(info.size)
     per_voxel = 64 * 4 if get_spec(info.model).family == "resnet3d" else 16 * 4 * 2
     need = per_voxel * size**3
-    avail = _available_bytes()
+    avail = available_memory_bytes()
     if avail is not None and need > avail // 2:
         raise NmosdError(
             f"bundle {folder}: a {info.model} at size {size}³ needs about {need / 2**30:.1f} GiB, "
@@ -342,17 +341,17 @@ def _check_memory(info, folder: Path) -> None:
 def load_bundle(model_dir: str | Path) -> Bundle:
     """Read a bundle: model.json validated (:class:`~nmosd_ms.records.BundleRecord`), each
     weight file checked against its sha256 before it is read, nothing unpickled."""
-    from .records import BundleRecord, load_record
+    from .records import BundleRecord, validate_record
 
     folder = Path(model_dir)
     if not (folder / "model.json").exists():
         raise NmosdError(f"{folder} is not a model bundle (no model.json; see nmosd-ms export)")
-    record = load_record(folder / "model.json", BundleRecord, "bundle description")
+    info = read_json(folder / "model.json", "bundle description")
+    record = validate_record(info, BundleRecord, "bundle description", folder / "model.json")
     spec = get_spec(record.model)
     if not spec.is_torch:
         raise NmosdError(f"{folder}/model.json names {record.model}, which is not a network")
     _check_memory(record, folder)
-    info = read_json(folder / "model.json", "bundle description")
     info["preprocessing"] = record.preprocessing.model_dump(mode="json")
     models = []
     for f in record.files:

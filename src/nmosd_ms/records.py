@@ -107,8 +107,11 @@ def _first_error(exc: ValidationError) -> str:
 
 def load_record(path: str | Path, schema: type[BaseModel], what: str) -> BaseModel:
     """Read and validate one JSON record; any defect is one :class:`NmosdError`."""
-    path = Path(path)
-    data = read_json(path, what)
+    return validate_record(read_json(path, what), schema, what, path)
+
+
+def validate_record(data: Any, schema: type[BaseModel], what: str, path: str | Path) -> BaseModel:
+    """Validate a JSON record already read from ``path`` (for readers that also keep it raw)."""
     if not isinstance(data, dict):
         raise NmosdError(f"{what} {path} is not a JSON object (edited or damaged?)")
     try:

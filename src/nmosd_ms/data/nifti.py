@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import NmosdError
+from ..io import atomic_path, available_memory_bytes
 
 #: Rotation/zoom entries of two affines may differ by this much (relative) ...
 AFFINE_TOLERANCE = 1e-3
@@ -47,15 +48,6 @@ class Image:
 MAX_VOXELS = 2**28
 
 
-def _available_bytes() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # psutil missing or unable to read the machine: no second check
-        return None
-
-
 def _check_header(img, path: Path, what: str) -> tuple[int, ...]:
     """Shape checks from the header alone (nothing decompressed yet)."""
     shape = tuple(int(n) for n in img.shape)
@@ -71,7 +63,7 @@ def _check_header(img, path: Path, what: str) -> tuple[int, ...]:
             f"{what} {path}: its header claims {shape} = {n:,} voxels, more than the "
             f"{MAX_VOXELS:,} accepted (a corrupt header?)"
         )
-    avail = _available_bytes()
+    avail = available_memory_bytes()
     if avail is not None and n * 8 > avail // 4:
         raise NmosdError(
             f"{what} {path}: {shape} needs {n * 8 / 2**30:.1f} GiB to process, more than a quarter "
@@ -148,8 +140,6 @@ def check_same_grid(ref: Image, other: Image, ref_what: str, other_what: str) ->
 
 def save(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     """Write a NIfTI atomically."""
-    from ..io import atomic_path
-
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(nib.Nifti1Image(data, affine), str(tmp))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -206,13 +207,8 @@ TABLES = ("index.tsv", "features.tsv", "spatial.json")
 
 def _subject_key(params: dict, hashes: dict[str, str]) -> str:
     """What a subject's cached files were made from: the parameters and its inputs' contents."""
-    return sha256_text(dumps_sorted({"params": params, "inputs": hashes}))[:16]
-
-
-def dumps_sorted(obj) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    made_from = {"params": params, "inputs": hashes}
+    return sha256_text(json.dumps(made_from, sort_keys=True, separators=(",", ":")))[:16]
 
 
 def _reusable(out: Path, pid: str, key: str) -> dict | None:
@@ -345,7 +341,7 @@ def _remove_unreferenced(out: Path, index: pd.DataFrame, previous: dict[str, dic
     keep = set(index["array"]) | {a.removesuffix(".npy") + ".json" for a in index["array"]}
     for seg in index["segmentation"]:
         if seg:
-            keep |= {seg, str(Path(seg).with_name(_montage_path(Path(seg)).name))}
+            keep |= {seg, _montage_path(Path(seg)).as_posix()}
     stale = [
         p.relative_to(out).as_posix()
         for d in ("arrays", "segmentations")
@@ -420,7 +416,7 @@ def _load_array(path: Path, size: int, cache: Path) -> np.ndarray:
                 f"prepared cache {cache}: {path.name} holds {arr.dtype} {arr.shape}, not float32 "
                 f"{(size,) * 3}; run nmosd-ms prepare again"
             )
-        return np.array(arr)
+        return arr  # header checked; the data are read once, when the cohort is stacked
     except NmosdError:
         raise
     except (OSError, ValueError) as exc:
@@ -468,6 +464,4 @@ def load_prepared(cache_dir: str | Path) -> PreparedCohort:
         if not path.is_file():
             raise NmosdError(f"prepared cache {cache} is incomplete: {name} is missing")
         vols.append(_load_array(path, size, cache))
-    return PreparedCohort(
-        cache, index, np.stack(vols).astype(np.float32), info["params"], cohort_hash
-    )
+    return PreparedCohort(cache, index, np.stack(vols), info["params"], cohort_hash)

@@ -228,14 +228,12 @@ def _run_fold(task, volumes, labels, features, train, device, on_epoch=None) -> 
 class RunStore:
     """Paths, atomic writes and the writers' locks of one run folder."""
 
-    LOCK = LOCK_NAME
-
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def meta_lock(self, wait: float = 120) -> Lock:
         """Held while run.json, splits.tsv, README.md or the result tables are written."""
-        return exclusive(self.root / self.LOCK, f"run folder {self.root}", wait=wait)
+        return exclusive(self.root / LOCK_NAME, f"run folder {self.root}", wait=wait)
 
     def claim(self, model: str, repeat: int, fold: int) -> Lock | None:
         """The claim of one fold for this writer, or ``None`` when another writer holds it."""
@@ -252,9 +250,7 @@ class RunStore:
         return lock
 
     def register_writer(self) -> Lock:
-        import os
         import secrets
-        import socket
 
         name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.lock"
         lock = Lock(inside(self.root, "writers", name))
@@ -268,10 +264,10 @@ class RunStore:
         for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
             if own is not None and path == own.path:
                 continue
-            holder = Lock(path).holder()
+            lock = Lock(path)
+            holder = lock.holder()
             if holder is None:
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + ".json").unlink(missing_ok=True)
+                lock.remove()
             else:
                 found.append(holder)
         return found
@@ -443,10 +439,11 @@ POLL_SECONDS = 2.0
 
 def _read_run_json(path: Path) -> dict:
     """run.json as written (options compared as stored), once it validates as a run record."""
-    from ..records import RunRecord, load_record
+    from ..records import RunRecord, validate_record
 
-    load_record(path, RunRecord, "run record")
-    return read_json(path, "run record")
+    meta = read_json(path, "run record")
+    validate_record(meta, RunRecord, "run record", path)
+    return meta
 
 
 def run_cv(
@@ -525,7 +522,6 @@ def run_cv(
             config,
             plan,
             sizes,
-            cache_size,
             dev,
             executor,
             scheduler,
@@ -543,9 +539,7 @@ def run_cv(
         # what this call did (not written to run.json: other writers may share the folder)
         return {**meta, "trained_here": trained}
     finally:
-        writer.release()
-        writer.path.unlink(missing_ok=True)
-        writer.record_path.unlink(missing_ok=True)
+        writer.remove()
         if created:  # refused before anything of the run was written
             import shutil
 
@@ -623,7 +617,6 @@ def _train_all(
     config,
     plan,
     sizes,
-    cache_size,
     dev,
     executor,
     scheduler,
@@ -655,6 +648,7 @@ def _train_all(
     if not pending:
         return trained
 
+    cache_size = int(cohort.volumes.shape[-1])
     volumes: dict[int, np.ndarray] = {}
     for s in {t.size for t in pending if get_spec(t.model).is_torch}:
         vols = cohort.volumes
@@ -684,8 +678,8 @@ def _train_all(
 
     empty = np.zeros((0,), dtype=np.float32)
     while pending:
-        claims: dict[tuple, Lock] = {}  # (model, repeat, fold) -> this writer's claim
-        claimed: list[FoldTask] = []
+        held: dict[tuple, tuple[FoldTask, Lock]] = {}  # dask: the folds claimed for the cluster
+        claimed_any = False
         for t in pending:
             if store.is_done(t.model, t.repeat, t.fold):
                 continue
@@ -695,27 +689,29 @@ def _train_all(
             if store.is_done(t.model, t.repeat, t.fold):  # finished while we looked
                 claim.release()
                 continue
-            claims[_key(t)] = claim
-            claimed.append(t)
-            if executor == "local":  # one fold at a time: claim the next one only when free
-                vols = volumes.get(t.size, empty)
-                on_epoch = functools.partial(report_epoch, _label(t)) if progress else None
-                try:
-                    out = run_fold_task(
-                        t, vols, labels, features, config.train, str(dev), threads, on_epoch
-                    )
-                    finish(t, out)
-                finally:
-                    claims.pop(_key(t)).release()
-        if claims:  # dask: every fold claimed above runs on the cluster at once
-
-            def finish_and_release(t: FoldTask, out: FoldOutput, claims=claims) -> None:
+            claimed_any = True
+            if executor != "local":
+                held[_key(t)] = (t, claim)
+                continue
+            # local: one fold at a time, the next one claimed only when this one is written
+            vols = volumes.get(t.size, empty)
+            on_epoch = functools.partial(report_epoch, _label(t)) if progress else None
+            try:
+                out = run_fold_task(
+                    t, vols, labels, features, config.train, str(dev), threads, on_epoch
+                )
                 finish(t, out)
-                claims.pop(_key(t)).release()
+            finally:
+                claim.release()
+        if held:  # every fold claimed above runs on the cluster at once
+
+            def finish_and_release(t: FoldTask, out: FoldOutput, held=held) -> None:
+                finish(t, out)
+                held.pop(_key(t))[1].release()
 
             try:
                 _run_dask(
-                    [t for t in claimed if _key(t) in claims],
+                    [t for t, _ in held.values()],
                     volumes,
                     labels,
                     features,
@@ -728,11 +724,11 @@ def _train_all(
                     report_epoch if progress else None,
                 )
             finally:
-                for c in claims.values():
-                    c.release()
+                for _, claim in held.values():
+                    claim.release()
         before = len(pending)
         pending = [t for t in pending if not store.is_done(t.model, t.repeat, t.fold)]
-        if pending and len(pending) == before and not claimed:
+        if pending and len(pending) == before and not claimed_any:
             # every remaining fold is being trained by another writer: wait for them (a writer
             # that dies releases its claims, and this loop then takes them over)
             if progress:
