@@ -127,7 +127,10 @@ def test_predict_bad_inputs(bundle_dir, tmp_path):
     assert_user_error(
         run_cli("predict", bundle_dir, "--lesion-mask", tmp_path / "no.nii.gz"), "not found"
     )
-    assert_user_error(run_cli("predict", tmp_path, "--lesion-mask", tmp_path), "not found")
+    assert_user_error(run_cli("predict", tmp_path, "--lesion-mask", tmp_path), "not a regular file")
+    assert_user_error(
+        run_cli("predict", bundle_dir, "--lesion-mask", "/dev/zero"), "not a regular file"
+    )
 
 
 def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path):

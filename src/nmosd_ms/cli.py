@@ -575,6 +575,7 @@ def predict(
     from rich.table import Table
 
     from .data.ingest import Subject
+    from .io import regular_file
     from .predict import load_bundle, predict_subjects, subjects_from_manifest
 
     if manifest is not None and (lesion_mask or flair or brain_mask):
@@ -583,8 +584,8 @@ def predict(
         subjects = subjects_from_manifest(manifest)
     elif lesion_mask is not None or flair is not None:
         for p, what in ((lesion_mask, "lesion mask"), (flair, "FLAIR"), (brain_mask, "brain mask")):
-            if p is not None and not p.is_file():
-                raise NmosdError(f"{what} not found: {p}")
+            if p is not None:
+                regular_file(p, what)
         subjects = [Subject(participant_id, "", flair, lesion_mask, brain_mask)]
     else:
         raise NmosdError("nothing to predict: give --lesion-mask (and/or --flair) or --manifest")

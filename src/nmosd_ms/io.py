@@ -23,6 +23,19 @@ import numpy as np
 import pandas as pd
 
 
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a regular file; else one user error saying whether it is missing or
+    something else (a folder, a device: a symlink to /dev/zero is not "not found")."""
+    from .errors import NmosdError
+
+    path = Path(path)
+    if not path.exists():
+        raise NmosdError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise NmosdError(f"{what} {path} is not a regular file")
+    return path
+
+
 def available_memory_bytes() -> int | None:
     """Memory available to this process now, for checks made before large allocations
     (``None`` where it cannot be read: the caller then skips that check)."""

@@ -17,6 +17,7 @@ import pandas as pd
 
 from .. import LABELS
 from ..errors import NmosdError
+from ..io import regular_file
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -98,7 +99,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     or fewer cells than the header (a stray tab) is refused: pandas would shift the columns and
     use the first one as an index."""
     sep = "," if path.suffix.lower() == ".csv" else "\t"
-    _regular_file(path, "table")
+    regular_file(path, "table")
     if path.stat().st_size > MAX_TABLE_BYTES:
         raise NmosdError(f"{path} is larger than {MAX_TABLE_BYTES // 2**20} MB; not a cohort table")
     try:
@@ -126,14 +127,6 @@ def _read_table(path: Path) -> pd.DataFrame:
     return pd.DataFrame([r for _, r in body], columns=header, dtype=str)
 
 
-def _regular_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise NmosdError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise NmosdError(f"{what} {path} is not a regular file")
-    return path
-
-
 def _check_ids(ids: list[str], where: Path) -> None:
     for i in ids:
         validate_participant_id(i, str(where))
@@ -149,11 +142,7 @@ def _require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:
 
 
 def _existing(path: Path, what: str, pid: str) -> Path:
-    if not path.exists():
-        raise NmosdError(f"participant {pid}: {what} not found: {path}")
-    if not path.is_file():
-        raise NmosdError(f"participant {pid}: {what} {path} is not a regular file")
-    return path
+    return regular_file(path, f"participant {pid}: {what}")
 
 
 def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
@@ -165,7 +154,7 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
     image column may be absent; subjects get an empty diagnosis.
     """
     path = Path(path)
-    _regular_file(path, "manifest")
+    regular_file(path, "manifest")
     df = _read_table(path)
     if labelled:
         _require_columns(df, ["participant_id", "diagnosis", "flair", "lesion_mask"], path)

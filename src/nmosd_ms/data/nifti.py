@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import NmosdError
-from ..io import atomic_path, available_memory_bytes
+from ..io import atomic_path, available_memory_bytes, regular_file
 
 #: Rotation/zoom entries of two affines may differ by this much (relative) ...
 AFFINE_TOLERANCE = 1e-3
@@ -94,11 +94,7 @@ def load(path: str | Path, what: str = "image", dtype=np.float32) -> Image:
     The header is checked (dimensions, size against :data:`MAX_VOXELS` and the memory available,
     voxel type) before any voxel is read, so a corrupt or hostile header costs nothing.
     """
-    path = Path(path)
-    if not path.exists():
-        raise NmosdError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise NmosdError(f"{what} {path} is not a regular file")
+    path = regular_file(path, what)
     try:
         with _quiet_nibabel():
             img = nib.load(str(path))
