@@ -176,7 +176,7 @@ def segment_seconds() -> dict | None:
     symmetry step (seconds per scan, images already in memory)."""
     import nibabel as nib
 
-    from nmosd_ms.segment import WMHParams, segment_wmh
+    from nmosd_ms.segment import SegmentConfig, segment_wmh
 
     paths = sorted((SHARED / "lesjak2017").glob("sub-*/flair_mni.nii.gz"))
     if not paths:
@@ -184,8 +184,8 @@ def segment_seconds() -> dict | None:
     images = [(np.asarray(nib.load(p).dataobj, np.float32), nib.load(p)) for p in paths]
     out = {}
     for key, params in (
-        ("default", WMHParams()),
-        ("keep_symmetric", WMHParams(drop_symmetric=False)),
+        ("default", SegmentConfig()),
+        ("keep_symmetric", SegmentConfig(drop_symmetric=False)),
     ):
         t = time.perf_counter()
         for data, img in images:

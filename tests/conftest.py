@@ -81,8 +81,8 @@ def phantom_cohort(tmp_path_factory) -> Path:
 def prepared_small(phantom_cohort, tmp_path_factory) -> Path:
     """The phantom cohort prepared at S = 24 (fast tests)."""
     from nmosd_ms.config import PrepareConfig
+    from nmosd_ms.data.cache import prepare
     from nmosd_ms.data.ingest import load_cohort
-    from nmosd_ms.data.preprocess import prepare
 
     out = tmp_path_factory.mktemp("cache") / "c24"
     prepare(load_cohort(phantom_cohort), out, PrepareConfig(size=24))

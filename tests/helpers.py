@@ -72,3 +72,37 @@ def cv_command(cache, out, *extra, epochs: int = 2) -> list[str]:
         "1",
         *extra,
     ]
+
+
+def bids_errors(dataset) -> list[dict]:
+    """The errors the reference BIDS validator finds in ``dataset`` (bids-validator's schema
+    engine, run by Deno; both installed from npm by ``.ci/run`` into tools/bids-validator).
+    Skips the calling test, with the reason, where they are not installed."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    tools = Path(__file__).resolve().parents[1] / "tools" / "bids-validator" / "node_modules"
+    deno = tools / ".bin" / "deno"
+    engine = tools / "bids-validator" / "dist" / "validator" / "bids-validator.js"
+    if not (deno.exists() and engine.is_file()):
+        pytest.skip(
+            f"the BIDS validator is not installed ({tools} is absent): run "
+            "`npm ci --prefix tools/bids-validator` (.ci/run does)"
+        )
+    res = subprocess.run(
+        [str(deno), "run", "-A", str(engine), str(dataset), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = res.stdout[res.stdout.find("{") :]
+    try:
+        issues = json.loads(out)["issues"]["issues"]
+    except (ValueError, KeyError) as exc:
+        raise AssertionError(
+            f"the validator gave no report ({exc}): {res.stderr[-2000:]}"
+        ) from None
+    return [i for i in issues if i.get("severity") == "error"]

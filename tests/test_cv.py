@@ -14,8 +14,8 @@ from conftest import RUN_MODELS, make_manifest_cohort, small_cv_config
 from helpers import assert_user_error, cv_command, run_cli
 
 from nmosd_ms.config import CVConfig, PrepareConfig, TrainConfig
+from nmosd_ms.data.cache import prepare
 from nmosd_ms.data.ingest import load_manifest
-from nmosd_ms.data.preprocess import prepare
 from nmosd_ms.evaluation.metrics import binary_metrics
 from nmosd_ms.models import get_spec
 from nmosd_ms.training.cv import DETERMINISTIC_COLUMNS, run_cv

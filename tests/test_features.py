@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_or_skip
 
 from nmosd_ms.data.features import lesion_features
-from nmosd_ms.data.spatial import to_canonical
+from nmosd_ms.spatial import to_canonical
 
 
 def test_counts_volumes_extents_on_constructed_mask():

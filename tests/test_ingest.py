@@ -13,7 +13,8 @@ import pytest
 from conftest import blob_mask, make_manifest_cohort, save_nifti, truncate_gzip
 from helpers import assert_user_error, cached_array, cached_path, run_cli
 
-from nmosd_ms.data.ingest import load_bids, load_cohort, load_manifest
+from nmosd_ms.data.bids import load_bids
+from nmosd_ms.data.ingest import load_cohort, load_manifest
 
 
 def _prepare(tmp_path, manifest, *extra):
@@ -148,7 +149,14 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     sources = dict(zip(index["participant_id"], index["lesion_source"], strict=True))
     assert sources["sub-02"] == "segmented" and sources["sub-00"] == "given"
     files = dict(zip(index["participant_id"], index["segmentation"].fillna(""), strict=True))
-    assert re.fullmatch(r"segmentations/sub-02\.[0-9a-f]{16}_wmh\.nii\.gz", files["sub-02"])
+    assert re.fullmatch(
+        r"segmentations/sub-02/anat/sub-02_space-orig_label-WMH_desc-[0-9a-f]{16}_mask\.nii\.gz",
+        files["sub-02"],
+    )  # in a BIDS derivative dataset inside the cache
+    seg_root = tmp_path / "cache" / "segmentations"
+    assert json.loads((seg_root / "dataset_description.json").read_text())["DatasetType"] == (
+        "derivative"
+    )
     assert files["sub-00"] == ""
     params = json.loads((tmp_path / "cache" / "prepare.json").read_text())["params"]
     assert params["segment_missing"] and not params["segment_drop_symmetric"]  # off in prepare
@@ -164,13 +172,13 @@ def test_bids_subject_without_mask_points_to_segment_missing(phantom_cohort, tmp
     shutil.copytree(phantom_cohort, bids)
     shutil.rmtree(bids / "derivatives" / "lesions" / "sub-003")
     args = ("prepare", bids, "--out", tmp_path / "c", "--size", "16")
-    assert_user_error(run_cli(*args), "sub-003: lesion mask not found", "--segment-missing")
+    assert_user_error(run_cli(*args), "sub-003: no lesion mask", "--segment-missing")
     assert not (tmp_path / "c").exists()
     res = run_cli(*args, "--segment-missing")
     assert res.exit_code == 0, res.stderr
     index = pd.read_csv(tmp_path / "c" / "index.tsv", sep="\t").set_index("participant_id")
     assert (index["lesion_source"] == "segmented").sum() == 1
-    assert index.loc["sub-003", "segmentation"].startswith("segmentations/sub-003.")
+    assert index.loc["sub-003", "segmentation"].startswith("segmentations/sub-003/anat/sub-003_")
 
 
 def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):

@@ -11,7 +11,7 @@ from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 from scipy import ndimage
 
-from nmosd_ms.data.ingest import load_bids
+from nmosd_ms.data.bids import load_bids
 from nmosd_ms.phantom import generate_cohort, load_anatomy, sample_lesion_map
 from nmosd_ms.phantom.lesions import DIFFICULTIES
 
@@ -81,7 +81,7 @@ def test_every_subject_has_lesions_that_prepare_counts(prepared_small, tmp_path)
     counted lesion; lesion-free NMOSD only when asked for, in the share asked for."""
     feats = pd.read_csv(prepared_small / "features.tsv", sep="\t")
     assert (feats["n_lesions"] >= 1).all()
-    from nmosd_ms.data.preprocess import load_prepared
+    from nmosd_ms.data.cache import load_prepared
 
     vols = load_prepared(prepared_small).volumes
     assert (vols.reshape(len(vols), -1).max(1) > 0).all()

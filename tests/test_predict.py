@@ -11,8 +11,9 @@ import pytest
 from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 
-from nmosd_ms.data.ingest import load_bids
-from nmosd_ms.predict import export_bundle, load_bundle, predict_subjects
+from nmosd_ms.bundle import export_bundle
+from nmosd_ms.data.bids import load_bids
+from nmosd_ms.predict import PREDICTIONS, load_bundle, predict_subjects
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +82,13 @@ def test_predict_cli_and_saliency_on_native_scan(bundle_dir, tmp_path):
         "8",
     )
     assert res.exit_code == 0, res.stderr
-    pred = pd.read_csv(out / "predictions.tsv", sep="\t")
-    assert pred["participant_id"].tolist() == ["subject"]
+    pred = pd.read_csv(out / PREDICTIONS, sep="\t")
+    assert pred["participant_id"].tolist() == ["sub-subject"]  # BIDS labels in the derivative
     assert 0 <= pred["prob_nmosd"].iloc[0] <= 1 and pred["predicted"].iloc[0] in ("MS", "NMOSD")
-    sal = nib.load(out / "subject_saliency.nii.gz")
+    anat = out / "sub-subject" / "anat"
+    sal = nib.load(anat / "sub-subject_space-orig_desc-saliency_FLAIR.nii.gz")
+    side = json.loads((anat / "sub-subject_space-orig_desc-saliency_FLAIR.json").read_text())
+    assert "log-odds" in side["Description"] and side["SpatialReference"].startswith("file:")
     src = nib.load(root / "lesion_mask.nii.gz")
     assert sal.shape == src.shape == (192, 512, 512)
     assert np.allclose(sal.affine, src.affine)
@@ -93,7 +97,7 @@ def test_predict_cli_and_saliency_on_native_scan(bundle_dir, tmp_path):
     # A genuine 3D map: it varies along every axis, not a 2D map smeared along one.
     for axis in range(3):
         assert np.abs(np.diff(data, axis=axis)).max() > 0
-    assert (out / "subject_saliency.png").stat().st_size > 10_000
+    assert (anat / "sub-subject_space-orig_desc-saliency_FLAIR.png").stat().st_size > 10_000
 
 
 def test_occlusion_map_is_exact_on_a_model_that_sums_its_input():
@@ -163,13 +167,17 @@ def test_flair_alone_is_segmented_then_predicted(bundle_dir, phantom_cohort, tmp
     args = ("--flair", flair, "--participant-id", "p1", "--out", tmp_path / "o", "--saliency")
     res = run_cli("predict", bundle_dir, *args)
     assert res.exit_code == 0, res.stderr
-    assert (tmp_path / "o" / "p1_saliency.png").stat().st_size > 0  # outline: the segmentation
-    pred = pd.read_csv(tmp_path / "o" / "predictions.tsv", sep="\t")
-    assert pred.loc[0, "participant_id"] == "p1" and pred.loc[0, "lesion_source"] == "segmented"
+    anat = tmp_path / "o" / "sub-p1" / "anat"
+    # outline: the segmentation
+    assert (anat / "sub-p1_space-orig_desc-saliency_FLAIR.png").stat().st_size > 0
+    pred = pd.read_csv(tmp_path / "o" / PREDICTIONS, sep="\t")
+    assert pred.loc[0, "participant_id"] == "sub-p1" and pred.loc[0, "lesion_source"] == "segmented"
     # the segmentation the model saw is written, and it is what `nmosd-ms segment` gives
-    assert pred.loc[0, "segmentation"] == "p1_wmh.nii.gz"
-    seen = nib.load(tmp_path / "o" / "p1_wmh.nii.gz")
-    assert (tmp_path / "o" / "p1_wmh.png").stat().st_size > 10_000
+    assert pred.loc[0, "segmentation"] == "sub-p1/anat/sub-p1_space-orig_label-WMH_mask.nii.gz"
+    seen = nib.load(anat / "sub-p1_space-orig_label-WMH_mask.nii.gz")
+    assert (anat / "sub-p1_space-orig_label-WMH_mask.png").stat().st_size > 10_000
+    side = json.loads((anat / "sub-p1_space-orig_label-WMH_mask.json").read_text())
+    assert side["Type"] == "Lesion" and side["SpatialReference"] == flair.resolve().as_uri()
     # the bundle's preprocessing is prepare's: symmetric lesions kept
     args = ("--flair", flair, "--out", tmp_path / "s.nii.gz", "--keep-symmetric")
     assert run_cli("segment", *args).exit_code == 0
@@ -191,7 +199,7 @@ def test_predict_manifest(bundle_dir, phantom_cohort, tmp_path):
     manifest.write_text("\n".join(rows) + "\n")
     res = run_cli("predict", bundle_dir, "--manifest", manifest, "--out", tmp_path / "o")
     assert res.exit_code == 0, res.stderr
-    pred = pd.read_csv(tmp_path / "o" / "predictions.tsv", sep="\t")
+    pred = pd.read_csv(tmp_path / "o" / PREDICTIONS, sep="\t")
     assert pred["participant_id"].tolist() == [s.participant_id for s in subjects]
     manifest.write_text("\n".join(rows + [rows[1]]) + "\n")
     assert_user_error(run_cli("predict", bundle_dir, "--manifest", manifest), "duplicate")

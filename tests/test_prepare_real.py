@@ -9,11 +9,11 @@ import pytest
 from conftest import shared_or_skip
 from helpers import cached_array
 
+from nmosd_ms import nifti
 from nmosd_ms.config import PrepareConfig
-from nmosd_ms.data import nifti
+from nmosd_ms.data.cache import load_prepared, prepare
 from nmosd_ms.data.ingest import load_manifest
-from nmosd_ms.data.preprocess import load_prepared, prepare
-from nmosd_ms.data.spatial import SpatialRecord, crop_box, head_mask, to_canonical, to_native
+from nmosd_ms.spatial import SpatialRecord, crop_box, head_mask, to_canonical, to_native
 
 
 def _native_manifest(tmp_path, subjects=None) -> tuple:

@@ -24,9 +24,9 @@ from conftest import ROOT, make_manifest_cohort, save_nifti, small_cv_config
 from helpers import assert_user_error, cached_array, cv_command, run_cli
 
 from nmosd_ms.config import PrepareConfig, TrainConfig
-from nmosd_ms.data import preprocess
+from nmosd_ms.data import cache as cache_module
+from nmosd_ms.data.cache import load_prepared, prepare
 from nmosd_ms.data.ingest import load_manifest
-from nmosd_ms.data.preprocess import load_prepared, prepare
 from nmosd_ms.errors import NmosdError
 from nmosd_ms.io import inside
 from nmosd_ms.locking import Lock
@@ -84,7 +84,7 @@ def test_inside_refuses_escapes_by_dots_absolute_paths_and_symlinks(tmp_path):
 
 
 def test_predict_refuses_unsafe_ids_from_a_manifest_or_the_command_line(small_run, tmp_path):
-    from nmosd_ms.predict import export_bundle
+    from nmosd_ms.bundle import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "bundle")
     mask = tmp_path / "m.nii.gz"
@@ -235,14 +235,16 @@ def test_an_interrupted_prepare_never_mixes_parameters(tmp_path, monkeypatch, di
     manifest = make_manifest_cohort(tmp_path)
     cohort, out = load_manifest(manifest), tmp_path / "c"
     prepare(cohort, out, PrepareConfig(size=16))
-    real = {"index.tsv": preprocess.write_tsv, "prepare.json": preprocess.write_json}[dies_at]
+    real = {"index.tsv": cache_module.write_tsv, "prepare.json": cache_module.write_json}[dies_at]
 
     def dying(path, *a, **k):
         if Path(path).name == dies_at:
             raise _Killed
         return real(path, *a, **k)
 
-    monkeypatch.setattr(preprocess, "write_tsv" if dies_at == "index.tsv" else "write_json", dying)
+    monkeypatch.setattr(
+        cache_module, "write_tsv" if dies_at == "index.tsv" else "write_json", dying
+    )
     with pytest.raises(_Killed):
         prepare(cohort, out, PrepareConfig(size=20))  # every array made anew, then killed
     monkeypatch.undo()
@@ -278,7 +280,7 @@ def test_a_header_claiming_a_huge_image_is_refused_before_reading(tmp_path, shap
     assert flair.stat().st_size < 200
     code = (
         "import sys\n"
-        "from nmosd_ms.data import nifti\n"
+        "from nmosd_ms import nifti\n"
         "from nmosd_ms.errors import NmosdError\n"
         "try:\n"
         f"    nifti.load({str(flair)!r}, 'FLAIR')\n"
@@ -299,7 +301,7 @@ def test_a_header_claiming_a_huge_image_is_refused_before_reading(tmp_path, shap
 
 
 def test_bundle_and_run_records_with_absurd_sizes_are_refused(small_run, tmp_path):
-    from nmosd_ms.predict import export_bundle
+    from nmosd_ms.bundle import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "b")
     info = json.loads((bundle / "model.json").read_text())
@@ -322,7 +324,7 @@ def test_bundle_and_run_records_with_absurd_sizes_are_refused(small_run, tmp_pat
 
 
 def test_damaged_run_and_bundle_records_are_one_line(small_run, prepared_small, tmp_path):
-    from nmosd_ms.predict import export_bundle
+    from nmosd_ms.bundle import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "b")
     mask = save_nifti(tmp_path / "m.nii.gz", np.zeros((20, 20, 20), np.uint8))
@@ -348,14 +350,14 @@ def test_damaged_run_and_bundle_records_are_one_line(small_run, prepared_small, 
             (b / "model.json").write_text(text[:100])
         else:
             info = json.loads(text)
-            del info["preprocessing"]
+            del info["prepare"]
             (b / "model.json").write_text(json.dumps(info))
         assert_user_error(run_cli("predict", b, "--lesion-mask", mask), "model.json")
     assert not (tmp_path / "x").exists()
 
 
 def test_unusable_output_folders_are_refused_before_any_work(small_run, prepared_small, tmp_path):
-    from nmosd_ms.predict import export_bundle
+    from nmosd_ms.bundle import export_bundle
 
     manifest = make_manifest_cohort(tmp_path / "data")
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "b")
@@ -435,7 +437,7 @@ def test_bad_weights_are_refused_before_the_first_write(prepared_small, tmp_path
 def test_outputs_respect_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
-        from nmosd_ms.predict import export_bundle
+        from nmosd_ms.bundle import export_bundle
         from nmosd_ms.report import build_report
 
         manifest = make_manifest_cohort(tmp_path / "data")
@@ -550,7 +552,7 @@ def test_fit_from_a_run_records_and_applies_its_whole_training_configuration(
 ):
     from safetensors.torch import load_file
 
-    from nmosd_ms.predict import fit_bundle
+    from nmosd_ms.fit import fit_bundle
     from nmosd_ms.training import loop
 
     seen = []
@@ -567,14 +569,14 @@ def test_fit_from_a_run_records_and_applies_its_whole_training_configuration(
     args = ("fit", prepared_small, "--model", "twoview-18", "--device", "cpu", "--from-run", bf16)
     res = run_cli(*args, "--out", tmp_path / "b")
     assert res.exit_code == 0, res.stderr
-    recorded = json.loads((tmp_path / "b" / "model.json").read_text())["training"]["train_config"]
+    recorded = json.loads((tmp_path / "b" / "model.json").read_text())["training"]["train"]
     assert recorded["precision"] == "bf16" and recorded["momentum"] == 0.5
     assert recorded["flip"] is False and recorded["epochs"] == 1
     assert seen[-1].precision == "bf16" and seen[-1].momentum == 0.5  # applied, not only written
     # an option given on the command line overrides the run's
     res = run_cli(*args, "--out", tmp_path / "b2", "--momentum", "0")
     assert res.exit_code == 0, res.stderr
-    recorded = json.loads((tmp_path / "b2" / "model.json").read_text())["training"]["train_config"]
+    recorded = json.loads((tmp_path / "b2" / "model.json").read_text())["training"]["train"]
     assert recorded["momentum"] == 0 and recorded["precision"] == "bf16"
     # reproduced: fitting from an fp32 momentum run equals the same training done by hand, bit
     # for bit (bf16 on the CPU is not bit-reproducible at every shape: oneDNN's weight gradient
@@ -681,13 +683,13 @@ def test_benchmark_counts_executed_flops_and_marks_shares_above_the_peak():
 
 
 def test_segmentation_refuses_a_grid_larger_than_any_head_before_working():
-    from nmosd_ms.segment import WMHParams, segment_wmh
+    from nmosd_ms.segment import SegmentConfig, segment_wmh
     from nmosd_ms.segment.wmh import MAX_WORKING_VOXELS
 
     side = round(MAX_WORKING_VOXELS ** (1 / 3)) + 2
     huge = np.broadcast_to(np.float32(0), (side, side, side))  # no memory behind it
     with pytest.raises(NmosdError, match="larger than any head"):
-        segment_wmh(huge, (1.0, 1.0, 1.0), None, WMHParams())
+        segment_wmh(huge, (1.0, 1.0, 1.0), None, SegmentConfig())
 
 
 def _prepare_subprocess(manifest, out):

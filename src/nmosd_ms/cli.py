@@ -19,7 +19,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
-from . import __version__
+from .config import (
+    CVConfig,
+    Device,
+    DifficultyName,
+    ExecutorName,
+    PrepareConfig,
+    SegmentConfig,
+    TrainConfig,
+)
+from .constants import __version__
 from .errors import NmosdError
 
 out = Console()
@@ -96,11 +105,13 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except NmosdError as exc:
-            fail(str(exc), exc.exit_code)
+            hint = f" ({flag_of(exc.option)})" if exc.option else ""
+            fail(f"{exc}{hint}", exc.exit_code)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            fail(f"invalid option {where}: {first.get('msg')}")
+            msg = str(first.get("msg", "")).removeprefix("Value error, ")
+            fail(f"invalid option {flag_of(where) if where else ''}: {msg}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except BrokenPipeError:
@@ -159,67 +170,95 @@ class Bar:
         )
 
 
-def _train_parameters() -> list[inspect.Parameter]:
-    """One typer option per :class:`~nmosd_ms.config.TrainConfig` field, declared once for the
-    verbs that train (cv, fit): name, type, default and help come from the config itself, and
-    pydantic validates the values (its errors become one ``error:`` line)."""
-    import typing
+#: Library parameter names whose flag is not ``--`` + the name with dashes.
+FLAGS = {
+    "model_sizes": "--model-size",
+    "out": "--out",
+    "segment_drop_symmetric": "--drop-symmetric/--keep-symmetric",
+    "drop_symmetric": "--drop-symmetric/--keep-symmetric",
+    "min_volume_mm3": "--min-volume",
+    "min_seed_mm3": "--min-seed",
+    "edge_mm": "--edge",
+    "background_mm": "--background",
+    "csf_margin_mm": "--csf-margin",
+    "rim_mm": "--rim",
+    "max_pair_mm3": "--max-pair",
+}
 
-    from .config import TrainConfig
 
+def flag_of(option: str) -> str:
+    """The command-line flag that sets the library parameter ``option``."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def _config_parameters(config_cls) -> list[inspect.Parameter]:
+    """One typer option per field of a pydantic option set (TrainConfig, PrepareConfig,
+    SegmentConfig): name, type (Literal fields become choices), default and help come from the
+    config itself, so each option is declared once; pydantic validates the values (its errors
+    become one ``error:`` line naming the flag)."""
     params = []
-    for name, field in TrainConfig.model_fields.items():
+    for name, field in config_cls.model_fields.items():
         kind = field.annotation
-        help_text = field.description or ""
-        if typing.get_origin(kind) is typing.Literal:
-            help_text = " | ".join(typing.get_args(kind)) + (f": {help_text}" if help_text else "")
-            kind = str
-        flag = "--" + name.replace("_", "-")
-        decl = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        flag = flag_of(name)
+        if kind is bool:
+            decl = (flag,) if "/" in flag else (f"{flag}/--no-{flag[2:]}",)
+        else:
+            decl = (flag,)
         params.append(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=field.default,
-                annotation=Annotated[kind, typer.Option(*decl, help=help_text)],
+                annotation=Annotated[kind, typer.Option(*decl, help=field.description or "")],
             )
         )
     return params
 
 
-def train_options(fn):
-    """Give a verb every TrainConfig option; it receives them as ``train_values`` (a dict of the
-    values) and ``train_given`` (the names set on the command line)."""
-    train = _train_parameters()
-    names = [p.name for p in train]
-    sig = inspect.signature(fn, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.name not in ("train_values", "train_given")]
-    ctx_param = inspect.Parameter("_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+def config_options(config_cls):
+    """Give a verb every field of ``config_cls`` as an option; it receives them as
+    ``config_values`` (a dict of the values) and ``config_given`` (the names set on the command
+    line, e.g. to override a run's recorded options)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = kwargs.pop("_ctx")
-        values = {n: kwargs.pop(n) for n in names}
-        given = {
-            n
-            for n in names
-            if ctx.get_parameter_source(n) is not None
-            and ctx.get_parameter_source(n).name == "COMMANDLINE"
-        }
-        return fn(*args, train_values=values, train_given=given, **kwargs)
-
-    positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    wrapper.__signature__ = sig.replace(
-        parameters=[
-            *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional],
-            *keyword,
-            *train,
-            ctx_param,
+    def decorate(fn):
+        extra = _config_parameters(config_cls)
+        names = [p.name for p in extra]
+        sig = inspect.signature(fn, eval_str=True)
+        own = [
+            p for p in sig.parameters.values() if p.name not in ("config_values", "config_given")
         ]
-    )
-    del wrapper.__wrapped__  # typer must read the signature above, not the function's own
-    return wrapper
+        clash = set(names) & {p.name for p in own}
+        assert not clash, f"{fn.__name__}: parameters {clash} clash with {config_cls.__name__}"
+        ctx_param = inspect.Parameter(
+            "_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
+        )
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            ctx = kwargs.pop("_ctx")
+            values = {n: kwargs.pop(n) for n in names}
+            given = {
+                n
+                for n in names
+                if ctx.get_parameter_source(n) is not None
+                and ctx.get_parameter_source(n).name == "COMMANDLINE"
+            }
+            return fn(*args, config_values=values, config_given=given, **kwargs)
+
+        positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        wrapper.__signature__ = sig.replace(
+            parameters=[
+                *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional],
+                *keyword,
+                *extra,
+                ctx_param,
+            ]
+        )
+        del wrapper.__wrapped__  # typer must read the signature above, not the function's own
+        return wrapper
+
+    return decorate
 
 
 def _version(value: bool):
@@ -239,50 +278,66 @@ def main_options(
 
 @app.command()
 @user_errors
+@config_options(PrepareConfig)
 def prepare(
     dataset: Annotated[Path, typer.Argument(help="BIDS folder or manifest .tsv/.csv")],
     out_dir: Annotated[Path, typer.Option("--out", help="cache folder to write")],
-    size: Annotated[int, typer.Option(help="output edge length S (paper: 100)")] = 100,
-    input_kind: Annotated[
-        str, typer.Option("--input", help="lesion-mask | lesion-flair | flair")
-    ] = "lesion-mask",
-    interpolation: Annotated[str, typer.Option(help="antialiased | trilinear")] = "antialiased",
     lesions: Annotated[str, typer.Option(help="BIDS derivatives pipeline with lesion masks")] = (
         "lesions"
     ),
     label_column: Annotated[str, typer.Option(help="participants.tsv label column")] = "diagnosis",
-    segment_missing: Annotated[
-        bool, typer.Option(help="segment WMH from the FLAIR where a lesion mask is missing")
-    ] = False,
-    drop_symmetric: Annotated[
-        bool,
+    bids_filter: Annotated[
+        list[str] | None,
         typer.Option(
-            "--drop-symmetric/--keep-symmetric",
-            help="with --segment-missing: as in nmosd-ms segment, but off by default here "
-            "(it would also drop small bilateral lesions, e.g. NMOSD's corticospinal ones)",
+            help="ENTITY=VALUE (repeatable) choosing among several FLAIRs of a participant and "
+            "session, e.g. acq=3D or run=1"
         ),
-    ] = False,
+    ] = None,
+    bids_filter_file: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON: {"flair": {...}, "lesion_mask": {...}, "brain_mask": {...}} entity '
+            "filters per image, as fMRIPrep's --bids-filter-file"
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="subjects processed in parallel")] = 1,
+    config_values: dict | None = None,
+    config_given: set | None = None,
 ):
     """Crop, reorient and resize a cohort into model-ready S³ volumes."""
-    from .config import PrepareConfig
+    from .data.bids import parse_bids_filters
+    from .data.cache import prepare as run_prepare
     from .data.ingest import load_cohort
-    from .data.preprocess import prepare as run_prepare
 
-    config = PrepareConfig(
-        size=size,
-        input=input_kind,
-        interpolation=interpolation,
-        segment_missing=segment_missing,
-        segment_drop_symmetric=drop_symmetric,
+    config = PrepareConfig(**config_values)
+    filters = parse_bids_filters(bids_filter, bids_filter_file)
+    cohort = load_cohort(
+        dataset, lesions, label_column, not config.segment_missing, filters=filters
     )
-    cohort = load_cohort(dataset, lesions, label_column, require_lesion_masks=not segment_missing)
     with Bar("prepare") as bar:
         summary = run_prepare(cohort, out_dir, config, workers=workers, progress=bar)
     out.print(
         f"prepared {summary['n_subjects']} subjects ({summary['counts']['NMOSD']} NMOSD, "
         f"{summary['counts']['MS']} MS; {summary['reused']} reused) -> {out_dir}"
     )
+
+
+def _precision_note(precision: str, device: str) -> None:
+    """A line on stdout when the precision asked for is slow here (stderr is kept for errors)."""
+    from .training.loop import precision_note
+
+    note = precision_note(precision, device)
+    if note:
+        out.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    i, sep, n = value.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit()):
+        raise NmosdError(f"--shard expects I/N (like 2/8), got '{value}'")
+    return int(i), int(n)
 
 
 def _parse_model_sizes(values: list[str]) -> dict[str, int]:
@@ -303,10 +358,10 @@ def phantom(
     n_ms: Annotated[int, typer.Option(min=0, help="MS-like subjects")] = 47,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same cohort)")] = 0,
     difficulty: Annotated[
-        str,
+        DifficultyName,
         typer.Option(
-            help="easy | paper | spatial | hard: how much the classes differ in lesion load and "
-            "in lesion pattern (spatial: identical loads, the pattern is the only signal)"
+            help="how much the classes differ in lesion load and in lesion pattern (spatial: "
+            "identical loads, the pattern is the only signal)"
         ),
     ] = "paper",
     resolution: Annotated[int, typer.Option(help="template resolution in mm (1 or 2)")] = 2,
@@ -343,7 +398,7 @@ def phantom(
 
 @app.command()
 @user_errors
-@train_options
+@config_options(TrainConfig)
 def cv(
     cache_dir: Annotated[Path, typer.Argument(help="prepared cache (nmosd-ms prepare)")],
     out_dir: Annotated[Path, typer.Option("--out", help="run folder (resumed if it exists)")],
@@ -353,11 +408,11 @@ def cv(
     repeats: Annotated[int, typer.Option(min=1)] = 15,
     folds: Annotated[int, typer.Option(min=2)] = 5,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[Device, typer.Option(help="where torch models train")] = "auto",
     model_size: Annotated[
         list[str] | None, typer.Option(help="MODEL=S: smaller input size for one model")
     ] = None,
-    executor: Annotated[str, typer.Option(help="local | dask")] = "local",
+    executor: Annotated[ExecutorName, typer.Option(help="where folds are trained")] = "local",
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster workers")] = 2,
     threads: Annotated[
@@ -370,28 +425,38 @@ def cv(
             "report shows the shortcut beside each deep model"
         ),
     ] = True,
-    train_values: dict | None = None,
-    train_given: set | None = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: train only shard I of N (a job array's task; scripts/slurm/), the "
+            "splits being identical in every shard"
+        ),
+    ] = None,
+    collect: Annotated[
+        bool,
+        typer.Option(
+            help="train nothing: check every fold is finished, write the tables (after the shards)"
+        ),
+    ] = False,
+    config_values: dict | None = None,
+    config_given: set | None = None,
 ):
     """Repeated stratified k-fold cross-validation (paper: 5 folds x 15 repeats).
 
     Several cv commands with the same options may work on one --out folder at once (each fold
     is trained once); one with other options is refused."""
-    from .config import CVConfig, TrainConfig
     from .training.cv import run_cv
 
-    train = TrainConfig(**train_values)
     config = CVConfig(
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
         repeats=repeats,
         folds=folds,
         seed=seed,
         model_sizes=_parse_model_sizes(model_size or []),
-        train=train,
+        train=TrainConfig(**config_values),
         shortcut=shortcut,
     )
-    if device not in ("auto", "cpu", "cuda"):
-        raise NmosdError("--device must be auto, cpu or cuda")
+    _precision_note(config.train.precision, device)
     with Bar("cv") as bar:
         meta = run_cv(
             cache_dir,
@@ -403,9 +468,12 @@ def cv(
             workers=workers,
             progress=bar,
             threads=threads,
+            shard=_parse_shard(shard),
+            collect=collect,
         )
     out.print(
-        f"cv finished: {', '.join(config.run_models)} -> {out_dir}/results/folds.tsv "
+        f"cv {'collected' if collect else 'finished'}: {', '.join(config.run_models)} -> "
+        f"{meta['folds_table']} "
         f"({meta['trained_here']} fold(s) trained by this command)",
         markup=False,
         soft_wrap=True,
@@ -424,25 +492,9 @@ def models(
 
     from rich.table import Table
 
-    from .models import MODELS
-    from .models.complexity import count_flops, count_parameters
+    from .models import model_table
 
-    rows = []
-    for name, spec in MODELS.items():
-        if spec.is_torch:
-            net = spec.build(size=size)
-            rows.append(
-                {
-                    "name": name,
-                    "parameters": count_parameters(net),
-                    "flops": count_flops(net, size),
-                    "description": spec.description,
-                }
-            )
-        else:
-            rows.append(
-                {"name": name, "parameters": None, "flops": None, "description": spec.description}
-            )
+    rows = model_table(size)
     if as_json:
         print(json.dumps([{k: r[k] for k in ("name", "parameters", "flops")} for r in rows]))
         return
@@ -475,7 +527,9 @@ def demo(
         Path, typer.Option("--out", help="folder for everything the demo writes")
     ] = (Path("demo-output")),
     seed: Annotated[int, typer.Option()] = 0,
-    difficulty: Annotated[str, typer.Option(help="easy | paper | spatial | hard")] = "paper",
+    difficulty: Annotated[DifficultyName, typer.Option(help="the synthetic cohort's preset")] = (
+        "paper"
+    ),
     repeats: Annotated[int, typer.Option(min=1)] = 1,
 ):
     """The whole workflow on the built-in synthetic cohort (41 NMOSD / 47 MS), in minutes."""
@@ -493,9 +547,13 @@ def demo(
     out.print("the full paper protocol (15 x 5-fold, 100 epochs) on this cohort:")
     out.print(f"  {paths['full_protocol']}", markup=False, soft_wrap=True)
     out.print(f"  {paths['full_protocol_note']}", markup=False, soft_wrap=True)
+    from .training.loop import cpu_has_native_bf16
+
+    bf16 = " --precision bf16" if cpu_has_native_bf16() else ""
     out.print(
-        "on a CPU add --executor dask --workers <cores> --threads 1 --precision bf16 "
-        "(two-view-18 alone: about an hour on 2 cores; the 3D ResNets take days)",
+        f"on a CPU add --executor dask --workers <cores> --threads 1{bf16} "
+        "(two-view-18 alone: about an hour on 2 cores with native bf16; the 3D ResNets take "
+        "days)",
         markup=False,
         soft_wrap=True,
     )
@@ -512,19 +570,19 @@ def export(
     ] = "0",
 ):
     """Bundle a model's fold weights with its preprocessing, metrics and a model card."""
-    from .predict import export_bundle
+    from .bundle import CARD_NAME, export_bundle
 
     try:
         reps = [int(r) for r in repeats.split(",") if r.strip()]
     except ValueError:
         raise NmosdError(f"--repeats expects integers like 0,1,2, not '{repeats}'") from None
     path = export_bundle(run_dir, model, out_dir, reps)
-    out.print(f"bundle: {path} (see {path / 'MODEL_CARD.md'})")
+    out.print(f"bundle: {path} (see {path / CARD_NAME})")
 
 
 @app.command()
 @user_errors
-@train_options
+@config_options(TrainConfig)
 def fit(
     cache_dir: Annotated[Path, typer.Argument(help="prepared cache")],
     model: Annotated[str, typer.Option(help="model to train on the whole cohort")],
@@ -537,21 +595,20 @@ def fit(
         ),
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    train_values: dict | None = None,
-    train_given: set | None = None,
+    device: Annotated[Device, typer.Option(help="where the model trains")] = "auto",
+    config_values: dict | None = None,
+    config_given: set | None = None,
 ):
     """Train one final model on the whole cohort and bundle it (no held-out estimate)."""
-    from .config import TrainConfig
-    from .predict import fit_bundle, run_training_config
+    from .fit import fit_bundle, run_training_config
 
     size = None
+    values = config_values
     if from_run is not None:
         base, size = run_training_config(from_run, model)
-        values = {**base.model_dump(), **{k: train_values[k] for k in train_given}}
-    else:
-        values = train_values
+        values = {**base.model_dump(), **{k: config_values[k] for k in config_given}}
     train = TrainConfig(**values)
+    _precision_note(train.precision, device)
     path = fit_bundle(cache_dir, model, out_dir, train, seed=seed, device=device, size=size)
     out.print(f"bundle: {path} (fitted on the whole cohort; performance: see nmosd-ms cv)")
 
@@ -594,7 +651,7 @@ def predict(
     bundle = load_bundle(model_dir)
     with Bar("predict") as bar:
         df = predict_subjects(bundle, subjects, out_dir, saliency, occlusion_size, bar)
-    table = Table(title=f"{bundle.info['model']} ({len(bundle.models)} fold models)")
+    table = Table(title=f"{bundle.info.model} ({len(bundle.models)} fold models)")
     for col in ("participant_id", "P(NMOSD)", "predicted", "fold spread (SD)"):
         table.add_column(col)
     for _, r in df.iterrows():
@@ -606,98 +663,55 @@ def predict(
         )
     out.print(table)
     if out_dir is not None:
-        out.print(f"written: {out_dir / 'predictions.tsv'}")
+        from .predict import PREDICTIONS
+
+        out.print(f"written: {out_dir / PREDICTIONS} (a BIDS derivative dataset)")
 
 
 @app.command()
 @user_errors
+@config_options(SegmentConfig)
 def segment(
     flair: Annotated[Path, typer.Option(help="FLAIR NIfTI")],
-    out_path: Annotated[Path, typer.Option("--out", help="lesion mask to write (.nii.gz)")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="mask to write (.nii.gz), or a BIDS derivative folder")
+    ],
     brain_mask: Annotated[Path | None, typer.Option(help="brain mask NIfTI (recommended)")] = None,
-    low: Annotated[float, typer.Option(help="local-contrast z the seeds grow through")] = 2.5,
-    high: Annotated[float, typer.Option(help="local-contrast z of the seeds")] = 3.5,
-    background: Annotated[
-        float, typer.Option(help="Gaussian σ of the local tissue background (mm)")
-    ] = 8.0,
-    csf_margin: Annotated[float, typer.Option(help="seeds at least this far from CSF (mm)")] = 2.5,
-    min_volume: Annotated[float, typer.Option(help="smallest lesion kept (mm³)")] = 10.0,
-    edge: Annotated[
-        float, typer.Option(help="brain-edge rim whose components are dropped (mm)")
-    ] = 2.0,
     skull_stripped: Annotated[
         bool, typer.Option(help="the FLAIR is brain-extracted: its non-zero voxels are the brain")
     ] = False,
-    drop_symmetric: Annotated[
-        bool,
-        typer.Option(
-            "--drop-symmetric/--keep-symmetric",
-            help="drop lesions whose mirror image across the mid-sagittal plane is as bright "
-            "(normal FLAIR-bright anatomy); keep them when small bilateral symmetric lesions "
-            "are expected",
-        ),
-    ] = True,
-    working_mm: Annotated[
-        float,
-        typer.Option(
-            help="scans with voxels under half this cube are box-averaged to it first (0: never)"
-        ),
-    ] = 1.0,
     qc: Annotated[
         Path | None,
         typer.Option(help="also write a PNG of axial slices with the WMH outline, for review"),
     ] = None,
+    participant_id: Annotated[
+        str | None,
+        typer.Option(help="--out folder only: the participant (default: from the FLAIR's name)"),
+    ] = None,
+    session_id: Annotated[
+        str, typer.Option(help="--out folder only: the session (ses-<label>), if any")
+    ] = "",
+    config_values: dict | None = None,
+    config_given: set | None = None,
 ):
-    """Segment white-matter hyperintensities from a FLAIR (same grid and affine as the input)."""
-    import numpy as np
+    """Segment white-matter hyperintensities from a FLAIR (same grid and affine as the input).
 
-    from .data import nifti
-    from .segment import WMHParams, segment_wmh
+    --out MASK.nii.gz writes one file; --out FOLDER writes (or adds to) a BIDS derivative
+    dataset: sub-X/anat/sub-X_space-orig_label-WMH_mask.nii.gz (with ses-Y when the FLAIR has a
+    session), its JSON sidecar and a review montage."""
+    from .segment import segment_file
 
-    if out_path.exists():
-        raise NmosdError(f"--out {out_path} exists; it is never overwritten")
-    if qc is not None and (qc.exists() or qc.suffix.lower() != ".png"):
-        raise NmosdError(f"--qc {qc}: give a new .png path (it is never overwritten)")
-    if not (
-        0 < low <= high
-        and background > 0
-        and csf_margin >= 0
-        and min_volume >= 0
-        and working_mm >= 0
-    ):
-        raise NmosdError(
-            "need 0 < --low <= --high, --background > 0, --csf-margin >= 0, --min-volume >= 0, "
-            "--working-mm >= 0"
-        )
-    img = nifti.load(flair, "FLAIR")
-    brain = None
-    if brain_mask is not None:
-        b = nifti.load(brain_mask, "brain mask")
-        nifti.check_same_grid(img, b, "FLAIR", "brain mask")
-        brain = b.data > 0
-    elif skull_stripped:
-        brain = img.data > 0
-    params = WMHParams(
-        low=low,
-        high=high,
-        min_volume_mm3=min_volume,
-        edge_mm=edge,
-        background_mm=background,
-        csf_margin_mm=csf_margin,
-        drop_symmetric=drop_symmetric,
-        working_mm=working_mm,
+    result = segment_file(
+        flair,
+        out_path,
+        brain_mask,
+        SegmentConfig(**config_values),
+        skull_stripped,
+        qc,
+        participant_id,
+        session_id,
     )
-    mask = segment_wmh(img.data, img.zooms, brain, params)
-    nifti.save(out_path, mask.astype(np.uint8), img.affine)
-    if qc is not None:
-        from .data.spatial import to_canonical
-        from .io import write_bytes
-        from .viz import wmh_montage_png
-
-        flair_c = to_canonical(img.data, img.affine)[0]
-        mask_c = to_canonical(mask, img.affine)[0]
-        write_bytes(qc, wmh_montage_png(flair.name, flair_c, mask_c, img.voxel_ml))
-    out.print(f"{int(mask.sum())} voxels ({mask.sum() * img.voxel_ml:.2f} ml) -> {out_path}")
+    out.print(f"{result.voxels} voxels ({result.volume_ml:.2f} ml) -> {result.mask_path}")
 
 
 #: ``--help`` lists the verbs in the order of the workflow, not of their definitions.

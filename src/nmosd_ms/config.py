@@ -12,6 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 InputKind = Literal["lesion-mask", "lesion-flair", "flair"]
 Interpolation = Literal["antialiased", "trilinear"]
+#: Training precision: "bf16"/"fp16" run the forward pass under torch.autocast in that dtype.
+Precision = Literal["fp32", "bf16", "fp16"]
+#: Where torch models run ("auto": CUDA when available, else the CPU).
+Device = Literal["auto", "cpu", "cuda"]
+#: Where cross-validation folds are trained (nmosd_ms.training.executors).
+ExecutorName = Literal["local", "dask"]
+#: The synthetic cohort's presets (nmosd_ms.phantom.lesions.DIFFICULTIES).
+DifficultyName = Literal["easy", "paper", "spatial", "hard"]
+#: Named initial weights; any other value of ``TrainConfig.weights`` is a weight file's path.
+NAMED_WEIGHTS = ("none", "imagenet")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
 class _Options(BaseModel):
@@ -44,7 +55,9 @@ class PrepareConfig(_Options):
         ),
     )
     min_lesion_voxels: int = Field(
-        3, ge=1, description="smallest connected component counted as a lesion in features.tsv"
+        3,
+        ge=1,
+        description="smallest connected component counted as a lesion in the lesion-load features",
     )
 
 
@@ -75,11 +88,28 @@ class TrainConfig(_Options):
         0.0, ge=0, lt=0.5, description="fraction of the training part held out for early stopping"
     )
     patience: int = Field(20, ge=1, description="early-stopping patience in epochs (inner-val)")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    weights: str = Field("none", description="none | imagenet | path to a weight file")
+    precision: Precision = Field("fp32", description="autocast dtype of training and inference")
+    weights: str = Field(
+        "none",
+        description=(
+            "none | imagenet | path to a .safetensors (or torchvision .pth) file; a model name "
+            "may also carry its own, as twoview-18@imagenet"
+        ),
+    )
     eval_every: int = Field(
         1, ge=1, description="epochs between held-out curve points (curves only, never selection)"
     )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        v = v.strip()
+        if v in NAMED_WEIGHTS or v.lower().endswith(WEIGHT_SUFFIXES):
+            return v
+        raise ValueError(
+            f"weights must be {' or '.join(NAMED_WEIGHTS)} or a weight file "
+            f"({', '.join(WEIGHT_SUFFIXES)}), not {v!r}"
+        )
 
 
 class CVConfig(_Options):
@@ -117,4 +147,51 @@ class CVConfig(_Options):
             raise ValueError("at least one model is needed")
         if len(set(v)) != len(v):
             raise ValueError("a model is listed twice")
+        return v
+
+
+class SegmentConfig(_Options):
+    """White-matter-hyperintensity segmentation from a FLAIR (``nmosd-ms segment``; the steps are
+    described in :mod:`nmosd_ms.segment.wmh`). The defaults were chosen on the two public FLAIRs
+    with consensus masks that the tests use."""
+
+    low: float = Field(2.5, gt=0, description="local-contrast z the seeds grow through")
+    high: float = Field(3.5, gt=0, description="local-contrast z of the seeds")
+    min_volume_mm3: float = Field(10.0, ge=0, description="smallest lesion kept (mm³)")
+    min_seed_mm3: float = Field(3.0, ge=0, description="smallest seed component that may grow")
+    rim_mm: float = Field(1.0, ge=0, description="lesions take in their border this deep ...")
+    rim_low: float = Field(1.5, description="... where z is at least this (partial volume)")
+    edge_mm: float = Field(
+        2.0, ge=0, description="brain-edge rim whose components are dropped (mm)"
+    )
+    background_mm: float = Field(
+        8.0, gt=0, description="Gaussian σ of the local tissue background (mm)"
+    )
+    background_fraction: float = Field(
+        0.6, gt=0, description="brighter than this × tissue mode enters the background"
+    )
+    csf_fraction: float = Field(0.8, gt=0, description="darker than this × tissue mode = CSF")
+    csf_margin_mm: float = Field(2.5, ge=0, description="seeds at least this far from CSF (mm)")
+    drop_symmetric: bool = Field(
+        True,
+        description=(
+            "drop lesions whose mirror image across the mid-sagittal plane is as bright (normal "
+            "FLAIR-bright anatomy); keep them when small bilateral symmetric lesions are expected"
+        ),
+    )
+    max_pair_mm3: float = Field(
+        2000.0, ge=0, description="a lesion this large whose mirror is a lesion too is kept"
+    )
+    working_mm: float = Field(
+        1.0,
+        ge=0,
+        description="scans with voxels under half this cube are box-averaged to it first (0: never)",
+    )
+
+    @field_validator("high")
+    @classmethod
+    def _order(cls, v: float, info) -> float:
+        low = info.data.get("low")
+        if low is not None and v < low:
+            raise ValueError(f"high ({v}) must be at least low ({low})")
         return v

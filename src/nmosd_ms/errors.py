@@ -2,6 +2,10 @@
 
 Anything a user can cause (bad input, a refused option) raises :class:`NmosdError`; the CLI
 prints its message on one line to stderr and exits with code 2. Everything else is a bug.
+
+Messages speak the library's terms (a Python user never typed a flag); when an error is about
+one option, ``option`` names its parameter (``"model_sizes"``, ``"out"``), and the CLI adds the
+flag that sets it.
 """
 
 
@@ -10,5 +14,6 @@ class NmosdError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, option: str | None = None):
         super().__init__(" ".join(str(message).split()))
+        self.option = option

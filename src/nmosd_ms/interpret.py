@@ -16,9 +16,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .data import nifti
-from .data.spatial import to_canonical, to_native
-from .io import atomic_path, inside
+from . import nifti
+from .io import atomic_path
+from .spatial import to_canonical, to_native
 from .viz import axial_montage
 
 
@@ -96,16 +96,15 @@ def occlusion_map(
     return np.mean(maps, axis=0).astype(np.float32)
 
 
-def save_saliency(out_dir: Path, subject, prepared, saliency: np.ndarray) -> tuple[Path, Path]:
-    """``<id>_saliency.nii.gz`` on the input's grid and affine, and a PNG montage."""
-    pid = subject.participant_id
+def save_saliency(nii: Path, subject, prepared, saliency: np.ndarray) -> tuple[Path, Path]:
+    """The map on the input's grid and affine at ``nii`` (the caller names it, inside its
+    output folder), and a PNG montage beside it (same name, ``.png``)."""
     data, affine = to_native(saliency, prepared.record)
-    nii = inside(out_dir, f"{pid}_saliency.nii.gz")
     with atomic_path(nii, suffix=".nii.gz") as tmp:
         img = nib.Nifti1Image(data.astype(np.float32), affine)
         img.header.set_xyzt_units("mm")
         nib.save(img, str(tmp))
-    png = inside(out_dir, f"{pid}_saliency.png")
+    png = nii.with_name(nii.name.removesuffix(".gz").removesuffix(".nii") + ".png")
     _montage(png, subject, prepared, data, affine)
     return nii, png
 
@@ -123,10 +122,7 @@ def _montage(path: Path, subject, prepared, sal_native: np.ndarray, affine: np.n
         lesion_c = to_canonical(prepared.segmentation, affine)[0] > 0
     rec = prepared.record
     zs = np.linspace(rec.box_lo[2], rec.box_hi[2] - 1, 14)[1:-1].round().astype(int)
-    title = (
-        f"{subject.participant_id}: occlusion saliency (red → NMOSD, blue → MS), "
-        "lesion outline in yellow"
-    )
+    title = f"{subject.key}: occlusion saliency (red → NMOSD, blue → MS), lesion outline in yellow"
     axial_montage(path, base_c, zs, title, overlay=sal_c, outline=lesion_c)
 
 

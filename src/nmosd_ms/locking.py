@@ -149,14 +149,16 @@ def check_own_folder(path: str | os.PathLike, marker: str, what: str) -> None:
     lock file of an earlier writer (one killed before it wrote ``marker``)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise NmosdError(f"--out {path} exists and is not a folder")
+        raise NmosdError(f"the output {path} exists and is not a folder", option="out")
     if (
         path.is_dir()
         and any(path.iterdir())
         and not (path / marker).is_file()
         and not (path / LOCK_NAME).is_file()
     ):
-        raise NmosdError(f"--out {path} is a non-empty folder that is not {what}")
+        raise NmosdError(
+            f"the output {path} is a non-empty folder that is not {what}", option="out"
+        )
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Typed schemas of the JSON records the toolkit reads back: a run's ``run.json`` and a bundle's
-``model.json``.
+"""Typed schemas of the JSON records the toolkit reads back (a run's ``run.json`` here; a bundle's
+``model.json`` is :class:`nmosd_ms.bundle.BundleInfo`), and their validation.
 
 Both are written by the toolkit but live in folders that users copy, edit and exchange, so every
 reader validates them here first: a truncated, edited or hostile record becomes one user error
@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import PrepareConfig, TrainConfig
+from .config import TrainConfig
 from .errors import NmosdError
 from .io import read_json
 
@@ -70,33 +70,6 @@ class RunRecord(_Record):
     environment: Environment = Field(default_factory=Environment)
     started: str | None = None
     finished: str | None = None
-
-
-class BundleFile(_Record):
-    file: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    repeat: int | None = None
-    fold: int | None = None
-    test_ids: list[str] = Field(default_factory=list)
-
-
-class BundlePreprocessing(PrepareConfig):
-    """The bundle's preprocessing: PrepareConfig at the cache size, then the model's size."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    cache_size: int = Field(ge=MIN_SIZE, le=MAX_SIZE)
-
-
-class BundleRecord(_Record):
-    """``model.json`` of a model bundle (``nmosd-ms export`` / ``fit``)."""
-
-    format: str = Field(pattern=r"^nmosd-ms-bundle/1$")
-    model: str
-    size: int = Field(ge=MIN_SIZE, le=MAX_SIZE)
-    preprocessing: BundlePreprocessing
-    files: list[BundleFile] = Field(min_length=1)
-    labels: list[str] = Field(default_factory=lambda: ["MS", "NMOSD"])
-    threshold: float = Field(0.5, gt=0, lt=1)
 
 
 def _first_error(exc: ValidationError) -> str:

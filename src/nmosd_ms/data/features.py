@@ -39,7 +39,7 @@ def lesion_features(
     """Features of a binary ``mask`` in canonical RAS orientation with voxel sizes ``zooms`` (mm)."""
     out = dict.fromkeys(FEATURES, 0.0)
     mask = mask > 0
-    from .spatial import bounding_box
+    from ..spatial import bounding_box
 
     box = bounding_box(mask)
     if box is None:

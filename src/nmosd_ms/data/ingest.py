@@ -1,64 +1,53 @@
 """Cohort ingestion: a BIDS folder or a manifest table becomes a validated :class:`Cohort`.
 
 Only the structure is checked here (files, identifiers, labels); image contents are checked when
-they are read (:mod:`nmosd_ms.data.nifti`), still before anything is written.
+they are read (:mod:`nmosd_ms.nifti`), still before anything is written.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .. import LABELS
+from ..constants import LABELS
 from ..errors import NmosdError
+from ..ids import (  # noqa: F401 (validate_participant_id and scan_key are used from here)
+    _BIDS_SUBJECT,
+    MAX_ID_LENGTH,
+    scan_key,
+    validate_participant_id,
+    validate_session_id,
+)
 from ..io import regular_file
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
-#: A participant ID becomes part of file names (``<id>.npy``, ``<id>_saliency.nii.gz``), so it is
-#: checked once, here: letters and digits (any script), ``-``, ``_`` and ``.``; no leading ``.``,
-#: no ``..``; at most 128 characters. BIDS labels (``sub-<alphanumeric>``) always pass.
-MAX_ID_LENGTH = 128
-_ID_CHARS = re.compile(r"[\w.-]+")  # \w: letters, digits and "_" in any script
-_BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
-
-
-def validate_participant_id(pid: str, where: str = "") -> str:
-    """Return ``pid`` if it is safe as part of a file name, else raise one user error."""
-    at = f"{where}: " if where else ""
-    shown = pid.encode("unicode_escape").decode("ascii")[:60]
-    if not pid:
-        raise NmosdError(f"{at}a row has an empty participant_id")
-    if (
-        len(pid) > MAX_ID_LENGTH
-        or not _ID_CHARS.fullmatch(pid)
-        or pid.startswith(".")
-        or ".." in pid
-        or not pid.isprintable()
-    ):
-        raise NmosdError(
-            f"{at}participant_id '{shown}' is not allowed: use letters, digits, '-', '_' and '.' "
-            f"(not first, never '..'), at most {MAX_ID_LENGTH} characters"
-        )
-    return pid
-
 
 @dataclass(frozen=True)
 class Subject:
+    """One scan of one person: a participant, optionally a session (``ses-<label>``), the
+    diagnosis ("NMOSD", "MS", or "" for prediction) and the image files."""
+
     participant_id: str
     diagnosis: str  # "NMOSD" or "MS"
     flair: Path | None
     lesion_mask: Path | None
     brain_mask: Path | None = None
+    session_id: str = ""
 
     def __post_init__(self) -> None:
         validate_participant_id(self.participant_id)
+        validate_session_id(self.session_id, self.participant_id)
+
+    @property
+    def key(self) -> str:
+        """The scan's unique name (``sub-01`` or ``sub-01_ses-02``): names its files."""
+        return scan_key(self.participant_id, self.session_id)
 
     @property
     def label(self) -> int:
@@ -127,12 +116,15 @@ def _read_table(path: Path) -> pd.DataFrame:
     return pd.DataFrame([r for _, r in body], columns=header, dtype=str)
 
 
-def _check_ids(ids: list[str], where: Path) -> None:
+def _check_ids(ids: list[str], where: Path, sessions: list[str] | None = None) -> None:
+    """Every ID safe, and every participant (with a session: every participant-session) once."""
     for i in ids:
         validate_participant_id(i, str(where))
-    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    keys = [scan_key(i, s) for i, s in zip(ids, sessions or [""] * len(ids), strict=True)]
+    dup = sorted(i for i, n in Counter(keys).items() if n > 1)
     if dup:
-        raise NmosdError(f"{where}: duplicate participant_id {', '.join(dup)}")
+        what = "participant_id and session_id" if sessions else "participant_id"
+        raise NmosdError(f"{where}: duplicate {what} {', '.join(dup)}")
 
 
 def _require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:
@@ -146,12 +138,20 @@ def _existing(path: Path, what: str, pid: str) -> Path:
 
 
 def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
-    """Read a ``.tsv``/``.csv`` manifest: participant_id, diagnosis, flair, lesion_mask[, brain_mask].
+    """Read a ``.tsv``/``.csv`` manifest: participant_id, diagnosis, flair, lesion_mask[, brain_mask]
+    [, session_id] (``ses-<label>``: one row per participant and session).
 
     Paths are relative to the manifest. An empty ``flair`` cell means mask-only data; an empty
     ``lesion_mask`` cell is only usable with WMH segmentation (``prepare --segment-missing``).
     With ``labelled=False`` (new patients to predict) there is no diagnosis column, and either
     image column may be absent; subjects get an empty diagnosis.
+
+    Parameters
+    ----------
+    path : path
+        The manifest; every ID is validated (it names files later) and every path must exist.
+    labelled : bool
+        Whether the manifest must have a diagnosis column.
     """
     path = Path(path)
     regular_file(path, "manifest")
@@ -161,10 +161,11 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
     elif "participant_id" not in df.columns or not {"lesion_mask", "flair"} & set(df.columns):
         raise NmosdError(f"{path}: needs participant_id and lesion_mask (or flair) columns")
     ids = [str(v).strip() for v in df["participant_id"]]
-    _check_ids(ids, path)
+    sessions = [str(v).strip() for v in df["session_id"]] if "session_id" in df.columns else None
+    _check_ids(ids, path, sessions)
     base = path.parent
     subjects = []
-    for pid, (_, row) in zip(ids, df.iterrows(), strict=True):
+    for i, (pid, (_, row)) in enumerate(zip(ids, df.iterrows(), strict=True)):
         label = normalise_label(row["diagnosis"], pid, "diagnosis") if labelled else ""
 
         def opt(col: str, what: str, pid: str = pid, row=row) -> Path | None:
@@ -176,74 +177,9 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
         brain = opt("brain_mask", "brain mask")
         if flair is None and lesion is None:
             raise NmosdError(f"participant {pid}: neither a FLAIR nor a lesion mask is given")
-        subjects.append(Subject(pid, label, flair, lesion, brain))
+        session = sessions[i] if sessions else ""
+        subjects.append(Subject(pid, label, flair, lesion, brain, session_id=session))
     return Cohort(tuple(subjects), source=str(path.resolve()))
-
-
-def _one(
-    matches: list[Path], what: str, pid: str, required: bool, where: Path, hint: str = ""
-) -> Path | None:
-    matches = sorted(m for m in matches if m.name.endswith(NIFTI_SUFFIXES))
-    if not matches:
-        if required:
-            raise NmosdError(f"participant {pid}: {what} not found under {where}{hint}")
-        return None
-    if len(matches) > 1:
-        names = ", ".join(m.name for m in matches)
-        raise NmosdError(f"participant {pid}: more than one {what} under {where} ({names})")
-    return matches[0]
-
-
-def load_bids(
-    root: str | Path,
-    lesions: str = "lesions",
-    label_column: str = "diagnosis",
-    require_lesion_masks: bool = True,
-) -> Cohort:
-    """Read a BIDS folder: participants.tsv, sub-*/anat/*_FLAIR, derivatives/<lesions>/ masks."""
-    root = Path(root)
-    table = root / "participants.tsv"
-    if not table.exists():
-        raise NmosdError(f"{root} is not a BIDS folder: participants.tsv not found")
-    df = _read_table(table)
-    _require_columns(df, ["participant_id", label_column], table)
-    ids = [str(v).strip() for v in df["participant_id"]]
-    _check_ids(ids, table)
-    for pid in ids:
-        if not _BIDS_SUBJECT.fullmatch(pid):
-            raise NmosdError(
-                f"{table}: participant_id '{pid}' is not a BIDS subject label "
-                "(sub-<letters and digits>)"
-            )
-    deriv = root / "derivatives" / lesions
-    if require_lesion_masks and not deriv.is_dir():
-        raise NmosdError(
-            f"lesion derivatives folder not found: {deriv} (see --lesions, or use "
-            "--segment-missing to segment the FLAIRs)"
-        )
-    subjects = []
-    for pid, value in zip(ids, df[label_column], strict=True):
-        label = normalise_label(value, pid, label_column)
-        anat = root / pid / "anat"
-        flair = _one(list(anat.glob(f"{pid}*_FLAIR.nii*")), "FLAIR", pid, True, anat)
-        danat = deriv / pid / "anat"
-        lesion = _one(
-            list(danat.glob("*_desc-lesion_mask.nii*")),
-            "lesion mask",
-            pid,
-            require_lesion_masks,
-            danat,
-            " (or use --segment-missing to segment the FLAIR)",
-        )
-        brain = _one(
-            list(danat.glob("*_desc-brain_mask.nii*")) + list(anat.glob("*_desc-brain_mask.nii*")),
-            "brain mask",
-            pid,
-            False,
-            danat,
-        )
-        subjects.append(Subject(pid, label, flair, lesion, brain))
-    return Cohort(tuple(subjects), source=str(root.resolve()), extra={"lesions": lesions})
 
 
 def load_cohort(
@@ -251,11 +187,28 @@ def load_cohort(
     lesions: str = "lesions",
     label_column: str = "diagnosis",
     require_lesion_masks: bool = True,
+    filters: dict | None = None,
 ) -> Cohort:
-    """A BIDS folder or a manifest file, whichever ``dataset`` is."""
+    """A labelled cohort from a BIDS folder or a manifest file, whichever ``dataset`` is.
+
+    Parameters
+    ----------
+    dataset : path
+        A BIDS folder (:func:`load_bids`) or a ``.tsv``/``.csv`` manifest (:func:`load_manifest`).
+    lesions : str
+        BIDS only: the derivatives pipeline that holds the lesion masks.
+    label_column : str
+        BIDS only: the participants.tsv column with the diagnosis (NMOSD or MS).
+    require_lesion_masks : bool
+        Refuse subjects without a lesion mask (set False when they are to be segmented).
+    filters : dict, optional
+        BIDS only: entity filters (:func:`nmosd_ms.data.bids.parse_bids_filters`).
+    """
     dataset = Path(dataset)
     if dataset.is_dir():
-        cohort = load_bids(dataset, lesions, label_column, require_lesion_masks)
+        from .bids import load_bids
+
+        cohort = load_bids(dataset, lesions, label_column, require_lesion_masks, filters)
     elif dataset.suffix.lower() in (".tsv", ".csv"):
         cohort = load_manifest(dataset)
     elif not dataset.exists():
@@ -268,8 +221,9 @@ def load_cohort(
         for s in cohort.subjects:
             if s.lesion_mask is None:
                 raise NmosdError(
-                    f"participant {s.participant_id}: no lesion mask (give one, or use "
-                    "--segment-missing to segment it from the FLAIR)"
+                    f"participant {s.participant_id}: no lesion mask (give one, or segment "
+                    "the missing masks from the FLAIR)",
+                    option="segment_missing",
                 )
     return cohort
 

@@ -10,10 +10,12 @@ import math
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from ..constants import THRESHOLD
+
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
 
 
-def binary_metrics(y_true, prob_nmosd, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(y_true, prob_nmosd, threshold: float = THRESHOLD) -> dict[str, float]:
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_nmosd, dtype=float)
     pred = (p >= threshold).astype(int)

@@ -5,6 +5,22 @@ and classical lesion-load baselines.
 >>> net = build_model("twoview-18", size=100)           # nn.Module: (B,1,S,S,S) -> (B,2)
 """
 
-from .registry import MODELS, ModelSpec, build_model, get_spec, list_models, model_weights
+from .registry import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    get_spec,
+    list_models,
+    model_table,
+    model_weights,
+)
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "list_models", "model_weights"]
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "get_spec",
+    "list_models",
+    "model_table",
+    "model_weights",
+]

@@ -78,7 +78,10 @@ _BUILDERS: dict[str, Callable] = {
 def _weights_path(weights: str) -> Path:
     path = Path(weights)
     if not path.is_file():
-        raise NmosdError(f"weights must be none, imagenet or an existing file; not found: {path}")
+        raise NmosdError(
+            f"weights must be none, imagenet or an existing file; not found: {path}",
+            option="weights",
+        )
     return path
 
 
@@ -133,6 +136,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def list_models() -> list[str]:
+    """The names of every registered model (``nmosd-ms models``)."""
     return list(MODELS)
 
 
@@ -162,5 +166,23 @@ def model_weights(name: str, default: str = "none") -> str:
 
 
 def build_model(name: str, size: int = 100, weights: str = "none"):
-    """Build a registered model by name."""
+    """Build the registered model ``name`` for input volumes of ``size``³, with initial
+    ``weights`` ("none", "imagenet" for the 2D backbones, or a weight file's path)."""
     return get_spec(name).build(size=size, weights=weights)
+
+
+def model_table(size: int = 100) -> list[dict]:
+    """Every registered model with its parameter count and FLOPs per forward pass at input size
+    ``size`` (``None`` for the lesion-load models, which are not networks)."""
+    from .complexity import count_flops, count_parameters
+
+    rows = []
+    for name, spec in MODELS.items():
+        params = flops = None
+        if spec.is_torch:
+            net = spec.build(size=size)
+            params, flops = count_parameters(net), count_flops(net, size)
+        rows.append(
+            {"name": name, "parameters": params, "flops": flops, "description": spec.description}
+        )
+    return rows

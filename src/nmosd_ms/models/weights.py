@@ -97,7 +97,7 @@ def imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
     local = hub_checkpoint_dir() / spec.file_name
     hint = (
         f"download {spec.url} on a connected machine and put it at {local} "
-        "(or set TORCH_HOME), or pass the file's path as --weights"
+        "(or set TORCH_HOME), or give the file's path as the weights"
     )
     if local.is_file():
         if not _sha256(local).startswith(spec.sha256_prefix):

@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from .. import __version__
+from ..constants import __version__
 from ..errors import NmosdError
 from ..io import atomic_dir, atomic_path, write_json, write_text, write_tsv
 from .anatomy import load_anatomy
@@ -168,6 +168,24 @@ Layout: `sub-*/anat/sub-*_FLAIR.nii.gz`,
 """
 
 
+#: participants.json: what each column of participants.tsv means (BIDS data dictionary).
+PARTICIPANT_COLUMNS = {
+    "diagnosis": {
+        "Description": "the class the subject was drawn as",
+        "Levels": {"NMOSD": "AQP4-NMOSD-like lesion pattern", "MS": "MS-like lesion pattern"},
+    },
+    "age": {"Description": "age drawn for the subject", "Units": "year"},
+    "sex": {"Description": "sex drawn for the subject", "Levels": {"F": "female", "M": "male"}},
+    "phenotype": {
+        "Description": "whether the subject has brain lesions",
+        "Levels": {"lesions": "has lesions", "lesion-free": "no brain lesions"},
+    },
+    "lesions_drawn": {"Description": "number of lesions drawn"},
+    "typical_lesions": {"Description": "number of lesions at a site typical of the class"},
+    "lesion_ml": {"Description": "lesion volume in the written mask", "Units": "mL"},
+}
+
+
 def generate_cohort(
     out_dir: str | Path,
     n_nmosd: int = 41,
@@ -179,19 +197,41 @@ def generate_cohort(
     progress: Callable[[int, int], None] | None = None,
     lesion_free_fraction: float = 0.0,
 ) -> pd.DataFrame:
-    """Generate a cohort; returns participants.tsv as a DataFrame.
+    """Generate a synthetic BIDS cohort of NMOSD-like and MS-like subjects; returns its
+    participants.tsv as a DataFrame.
 
     Every subject has brain lesions, as in the paper ("all patients ... with brain MRI lesions
     were included"); ``lesion_free_fraction`` of the NMOSD subjects have none instead (35-40 %
-    of AQP4-NMOSD patients in general), for users who study that question."""
+    of AQP4-NMOSD patients in general), for users who study that question.
+
+    Parameters
+    ----------
+    out_dir : path
+        A new (or empty) folder for the BIDS dataset and its ``derivatives/lesions`` masks.
+    n_nmosd, n_ms : int
+        Subjects per class (the paper: 41 and 47).
+    seed : int
+        Same seed, same cohort (subject ``i`` is drawn from its own seeded stream).
+    difficulty : {"easy", "paper", "spatial", "hard"}
+        How much the classes differ in lesion load and in lesion pattern (README's table).
+    resolution : {1, 2}
+        Template resolution in mm.
+    workers : int
+        Subjects generated in parallel.
+    lesion_free_fraction : float
+        Share of NMOSD subjects without brain lesions (default 0)."""
     if difficulty not in DIFFICULTIES:
-        raise NmosdError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}")
+        raise NmosdError(
+            f"difficulty must be one of {', '.join(DIFFICULTIES)}", option="difficulty"
+        )
     if resolution not in (1, 2):
-        raise NmosdError("--resolution must be 1 or 2 (mm)")
+        raise NmosdError("the resolution must be 1 or 2 (mm)", option="resolution")
     if n_nmosd < 0 or n_ms < 0 or n_nmosd + n_ms == 0:
-        raise NmosdError("--n-nmosd and --n-ms must be >= 0 and not both 0")
+        raise NmosdError("the numbers of NMOSD and MS subjects must be >= 0 and not both 0")
     if not 0.0 <= lesion_free_fraction <= 1.0:
-        raise NmosdError("--lesion-free-fraction must be between 0 and 1")
+        raise NmosdError(
+            "the lesion-free fraction must be between 0 and 1", option="lesion_free_fraction"
+        )
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NmosdError(f"{out} exists and is not empty; choose a new folder")
@@ -261,6 +301,7 @@ def _generate(
     ]
     participants = pd.DataFrame(rows)
     write_tsv(out / "participants.tsv", participants)
+    write_json(out / "participants.json", PARTICIPANT_COLUMNS)  # BIDS data dictionary
     write_json(
         out / "dataset_description.json",
         {
@@ -268,6 +309,8 @@ def _generate(
             "BIDSVersion": "1.9.0",
             "DatasetType": "raw",
             "GeneratedBy": [{"Name": "nmosd-ms phantom", "Version": __version__}],
+            "Authors": ["nmosd-ms (synthetic data)"],
+            "License": "CC0",
         },
     )
     write_json(
@@ -277,6 +320,8 @@ def _generate(
             "BIDSVersion": "1.9.0",
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "nmosd-ms phantom", "Version": __version__}],
+            "Authors": ["nmosd-ms (synthetic data)"],
+            "License": "CC0",
         },
     )
     write_text(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import __version__
+from ..constants import __version__
 from ..io import atomic_dir, write_json, write_text, write_tsv
 from . import figures
 from .tables import (
@@ -24,6 +24,7 @@ from .tables import (
     comparisons_display,
     lesion_sources,
     load_run,
+    scan_ids,
     table2,
     table2_display,
     table3,
@@ -108,7 +109,8 @@ def _lesion_source_html(sources: dict | None, within: pd.DataFrame) -> str:
 
 
 def build_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report/`` and return the path of ``index.html``."""
+    """Write the report of the cv run folder ``run_dir`` (``RUN_DIR/report/``: tables, figures,
+    one HTML page) and return the path of ``index.html``."""
     run = load_run(run_dir)
     final = Path(run_dir) / "report"
     with atomic_dir(final, replace=True) as tmp:
@@ -170,7 +172,8 @@ def _write(run, out: Path) -> None:
     sources, within = lesion_sources(run), by_lesion_source(run)
     if len(within):
         write_tsv(out / "lesion_source.tsv", within)
-    always_wrong = subjects[subjects["always_wrong"]].groupby("model")["participant_id"].apply(list)
+    wrong = subjects[subjects["always_wrong"]]
+    always_wrong = wrong.assign(scan=scan_ids(wrong)).groupby("model")["scan"].apply(list)
     summary = {
         "tool": "nmosd-ms report",
         "version": __version__,

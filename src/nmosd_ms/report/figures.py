@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
+from ..constants import POSITIVE, THRESHOLD
 from ..io import atomic_path  # noqa: E402
 from .tables import Run, subject_summary  # noqa: E402
 
@@ -58,7 +59,7 @@ def roc_curves(run: Run, folder: Path) -> Path:
         p = run.predictions[run.predictions["model"] == model]
         tprs = []
         for _, g in p.groupby("repeat"):
-            y = (g["diagnosis"] == "NMOSD").astype(int)
+            y = (g["diagnosis"] == POSITIVE).astype(int)
             if y.nunique() < 2:
                 continue
             fpr, tpr, _ = roc_curve(y, g["prob_nmosd"])
@@ -89,8 +90,8 @@ def confusion_matrices(run: Run, folder: Path) -> Path:
     for i, (ax, model) in enumerate(zip(axes[0], run.models, strict=True)):
         p = run.predictions[run.predictions["model"] == model]
         reps = max(p["repeat"].nunique(), 1)
-        y = (p["diagnosis"] == "NMOSD").astype(int)
-        cm = confusion_matrix(y, (p["prob_nmosd"] >= 0.5).astype(int), labels=[0, 1]) / reps
+        y = (p["diagnosis"] == POSITIVE).astype(int)
+        cm = confusion_matrix(y, (p["prob_nmosd"] >= THRESHOLD).astype(int), labels=[0, 1]) / reps
         ax.imshow(cm, cmap="Blues")
         for (r, c), v in np.ndenumerate(cm):
             ax.text(
@@ -118,7 +119,7 @@ def subject_probabilities(run: Run, folder: Path) -> tuple[Path, pd.DataFrame]:
     for ax, model in zip(axes[:, 0], run.models, strict=True):
         d = s[s["model"] == model].sort_values(["diagnosis", "mean_prob_nmosd"])
         x = np.arange(len(d))
-        colors = [COLORS[3] if dx == "NMOSD" else COLORS[0] for dx in d["diagnosis"]]
+        colors = [COLORS[3] if dx == POSITIVE else COLORS[0] for dx in d["diagnosis"]]
         ax.bar(
             x,
             d["mean_prob_nmosd"],
@@ -128,7 +129,7 @@ def subject_probabilities(run: Run, folder: Path) -> tuple[Path, pd.DataFrame]:
         )
         wrong = d["always_wrong"].to_numpy()
         ax.scatter(x[wrong], np.full(wrong.sum(), 1.05), marker="v", color="black", s=12)
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.axhline(THRESHOLD, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, 1.12)
         ax.set_xticks([])
         ax.set_ylabel("P(NMOSD)")

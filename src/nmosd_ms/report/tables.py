@@ -4,83 +4,20 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..errors import NmosdError
+from ..constants import POSITIVE, THRESHOLD
 from ..evaluation.metrics import METRICS, binary_metrics
 from ..evaluation.stats import corrected_ci, corrected_resampled_ttest, holm
-from ..io import read_tsv
-
-
-@dataclass
-class Run:
-    root: Path
-    meta: dict
-    folds: pd.DataFrame
-    predictions: pd.DataFrame
-    curves: pd.DataFrame
-    splits: pd.DataFrame
-
-    @property
-    def models(self) -> list[str]:
-        present = set(self.folds["model"])
-        return [m for m in self.meta["models"] if m in present]
+from ..training.runfolder import Run, RunFolder
 
 
 def load_run(root: str | Path) -> Run:
-    root = Path(root)
-    needed = [
-        "run.json",
-        "splits.tsv",
-        "results/folds.tsv",
-        "results/predictions.tsv",
-        "results/curves.tsv",
-    ]
-    missing = [n for n in needed if not (root / n).is_file()]
-    if missing:
-        raise NmosdError(f"{root} is not a cv run folder (missing {', '.join(missing)})")
-    from ..records import RunRecord, load_record
-
-    meta = load_record(root / "run.json", RunRecord, "run record").model_dump(mode="json")
-    try:
-        tables = [
-            read_tsv(root / name)
-            for name in (
-                "results/folds.tsv",
-                "results/predictions.tsv",
-                "results/curves.tsv",
-                "splits.tsv",
-            )
-        ]
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise NmosdError(f"{root}: a result table cannot be read ({exc})") from None
-    run = Run(root, meta, *tables)
-    _check_tables(run)
-    if run.folds.empty:
-        raise NmosdError(f"{root} has no finished folds yet")
-    return run
-
-
-def _check_tables(run: Run) -> None:
-    """The columns the report reads; a table edited by hand is refused with one line."""
-    from ..training.cv import CURVE_COLUMNS, FOLD_COLUMNS, PRED_COLUMNS
-
-    needed = {
-        "results/folds.tsv": (run.folds, [c for c in FOLD_COLUMNS if c != "n_fit"]),
-        "results/predictions.tsv": (run.predictions, PRED_COLUMNS),
-        "results/curves.tsv": (run.curves, CURVE_COLUMNS),
-        "splits.tsv": (run.splits, ["repeat", "fold", "participant_id", "diagnosis", "part"]),
-    }
-    for name, (df, cols) in needed.items():
-        missing = [c for c in cols if c not in df.columns]
-        if missing:
-            raise NmosdError(f"{run.root}/{name} lacks column(s) {', '.join(missing)}")
-    if "n_fit" not in run.folds.columns:  # runs written before n_fit was recorded
-        run.folds["n_fit"] = run.folds["n_train"]
+    """A cv run folder as the report reads it (:meth:`RunFolder.load`)."""
+    return RunFolder(root).load()
 
 
 def lesion_sources(run: Run) -> dict | None:
@@ -108,6 +45,14 @@ def lesion_sources(run: Run) -> dict | None:
     }
 
 
+def scan_ids(table: pd.DataFrame) -> pd.Series:
+    """The scan of each row: participant_id, or participant_id_session_id with sessions."""
+    if "session_id" not in table:
+        return table["participant_id"].astype(str)
+    ses = table["session_id"].fillna("").astype(str)
+    return table["participant_id"].astype(str) + np.where(ses != "", "_" + ses, "")
+
+
 def by_lesion_source(run: Run) -> pd.DataFrame:
     """Held-out performance within each lesion source (given / segmented), pooled over all
     repeats' folds: does the result hold when the source is fixed? Empty when every map was
@@ -115,9 +60,11 @@ def by_lesion_source(run: Run) -> pd.DataFrame:
     segmented = set(run.meta["cohort"].get("segmented") or [])
     if not segmented:
         return pd.DataFrame()
+    scans = scan_ids(run.predictions)
     p = run.predictions.assign(
-        source=np.where(run.predictions["participant_id"].isin(segmented), "segmented", "given"),
-        nmosd=lambda d: d["diagnosis"] == "NMOSD",
+        scan=scans,
+        source=np.where(scans.isin(segmented), "segmented", "given"),
+        nmosd=lambda d: d["diagnosis"] == POSITIVE,
     )
     rows = []
     for (model, source), g in p.groupby(["model", "source"], sort=False):
@@ -126,8 +73,8 @@ def by_lesion_source(run: Run) -> pd.DataFrame:
             {
                 "model": model,
                 "lesion_source": source,
-                "n_nmosd": g.loc[g["nmosd"], "participant_id"].nunique(),
-                "n_ms": g.loc[~g["nmosd"], "participant_id"].nunique(),
+                "n_nmosd": g.loc[g["nmosd"], "scan"].nunique(),
+                "n_ms": g.loc[~g["nmosd"], "scan"].nunique(),
                 **{k: m[k] for k in ("accuracy", "sensitivity", "specificity")},
             }
         )
@@ -145,7 +92,7 @@ def repeat_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     """Metrics per (model, repeat), pooling the held-out predictions of that repeat's folds."""
     rows = []
     for (model, repeat), g in predictions.groupby(["model", "repeat"], sort=False):
-        y = (g["diagnosis"] == "NMOSD").astype(int)
+        y = (g["diagnosis"] == POSITIVE).astype(int)
         rows.append({"model": model, "repeat": repeat, **binary_metrics(y, g["prob_nmosd"])})
     return pd.DataFrame(rows)
 
@@ -349,8 +296,9 @@ def table3(run: Run) -> pd.DataFrame:
 def subject_summary(run: Run) -> pd.DataFrame:
     """Mean predicted probability per subject and model across repeats; always-wrong flag."""
     p = run.predictions.copy()
-    p["correct"] = (p["prob_nmosd"] >= 0.5) == (p["diagnosis"] == "NMOSD")
-    g = p.groupby(["model", "participant_id", "diagnosis"], sort=False)
+    p["correct"] = (p["prob_nmosd"] >= THRESHOLD) == (p["diagnosis"] == POSITIVE)
+    keys = ["participant_id", *(["session_id"] if "session_id" in p else [])]
+    g = p.groupby(["model", *keys, "diagnosis"], sort=False)
     out = g.agg(
         mean_prob_nmosd=("prob_nmosd", "mean"),
         sd_prob_nmosd=("prob_nmosd", "std"),

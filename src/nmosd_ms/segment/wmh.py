@@ -35,33 +35,14 @@ those Dice figures are optimistic (README, WMH segmentation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scipy.optimize import minimize
 
-from ..data.spatial import otsu_threshold
-
-
-@dataclass(frozen=True)
-class WMHParams:
-    low: float = 2.5  # z threshold the seeds grow through
-    high: float = 3.5  # z threshold of the seeds
-    min_volume_mm3: float = 10.0
-    min_seed_mm3: float = 3.0  # smallest seed component that may grow
-    rim_mm: float = 1.0  # lesions take in their border this deep ...
-    rim_low: float = 1.5  # ... where z is at least this (partial volume)
-    edge_mm: float = 2.0
-    background_mm: float = 8.0  # Gaussian σ of the local tissue background
-    background_fraction: float = 0.6  # brighter than this × tissue mode enters the background
-    csf_fraction: float = 0.8  # darker than this × tissue mode = CSF
-    csf_margin_mm: float = 2.5  # seeds at least this far from CSF
-    drop_symmetric: bool = True  # drop lesions whose mirror image is as bright (step 7)
-    max_pair_mm3: float = 2000.0  # a lesion this large whose mirror is a lesion too is kept
-    working_mm: float = 1.0  # scans of much smaller voxels are box-averaged to it first (0: never)
+from ..config import SegmentConfig
+from ..spatial import otsu_threshold
 
 
 def brain_mask_from_flair(flair: np.ndarray, zooms) -> np.ndarray:
@@ -209,9 +190,11 @@ MAX_WORKING_VOXELS = 2**26
 
 
 def segment_wmh(
-    flair: np.ndarray, zooms, brain: np.ndarray | None = None, params: WMHParams = WMHParams()
+    flair: np.ndarray, zooms, brain: np.ndarray | None = None, params: SegmentConfig | None = None
 ) -> np.ndarray:
-    """Binary WMH mask on the FLAIR's grid.
+    """Binary WMH mask on the FLAIR's grid, from the array ``flair`` with voxel sizes ``zooms``
+    (mm) and an optional ``brain`` mask (else found from the FLAIR); ``params`` are the
+    method's thresholds (:class:`~nmosd_ms.config.SegmentConfig`).
 
     Scans with voxels smaller than half a ``params.working_mm`` cube (a native 3D FLAIR at
     0.8 × 0.47 × 0.47 mm: 0.18 mm³) are first box-averaged to about that spacing on their finer
@@ -219,6 +202,7 @@ def segment_wmh(
     more noise each (and 5× the voxels). Each fine voxel then takes the mask value of the coarse
     voxel it lies in.
     """
+    params = params or SegmentConfig()
     flair = np.asarray(flair, dtype=np.float32)
     zooms = np.asarray(zooms, dtype=float)
     target = np.maximum(zooms, params.working_mm)
@@ -236,7 +220,7 @@ def segment_wmh(
         )
     if not small_voxels or np.array_equal(shape, flair.shape):
         return _segment(flair, zooms, brain, params)
-    from ..data.spatial import resize  # area averaging
+    from ..spatial import resize  # area averaging
 
     small_zooms = zooms * np.array(flair.shape) / shape
     small_brain = None if brain is None else resize(brain.astype(np.float32), shape) >= 0.5
@@ -254,7 +238,9 @@ def _nearest(mask: np.ndarray, shape) -> np.ndarray:
     )
 
 
-def _segment(flair: np.ndarray, zooms, brain: np.ndarray | None, params: WMHParams) -> np.ndarray:
+def _segment(
+    flair: np.ndarray, zooms, brain: np.ndarray | None, params: SegmentConfig
+) -> np.ndarray:
     given = brain is not None
     brain = brain.astype(bool) if given else brain_mask_from_flair(flair, zooms)
     if not given:  # a head mask: strip a rim so the scalp does not count as brain

@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import NmosdError
-from ..io import atomic_path, available_memory_bytes, regular_file
+from .errors import NmosdError
+from .io import atomic_path, available_memory_bytes, regular_file
 
 #: Rotation/zoom entries of two affines may differ by this much (relative) ...
 AFFINE_TOLERANCE = 1e-3

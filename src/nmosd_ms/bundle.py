@@ -1,0 +1,404 @@
+"""Model bundles: their one owner (format, model card, writing, reading, export from a cv run).
+
+A bundle is a folder::
+
+    MODEL_DIR/model.json          BundleInfo: architecture, preprocessing, training, metrics, files
+    MODEL_DIR/MODEL_CARD.md       intended use, data, performance, limitations
+    MODEL_DIR/weights/<name>.safetensors   one file per fold model (an ensemble)
+
+``model.json`` is a typed, versioned record (:class:`BundleInfo`, format ``nmosd-ms-bundle/2``)
+that holds the full :class:`~nmosd_ms.config.PrepareConfig` the inputs need, the model's input
+size and the full :class:`~nmosd_ms.config.TrainConfig` it was trained with. Bundles of format 1
+are read and upgraded in memory. Weight files are verified against their sha256 before anything
+is loaded; a missing or altered file is refused. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import PrepareConfig, TrainConfig
+from .constants import LABELS, POSITIVE, THRESHOLD, __version__
+from .errors import NmosdError
+from .io import (
+    atomic_dir,
+    atomic_path,
+    available_memory_bytes,
+    inside,
+    read_json,
+    sha256_file,
+    write_json,
+    write_text,
+)
+from .models import get_spec
+from .models.weights import load_model_file
+from .records import MAX_SIZE, MIN_SIZE, validate_record
+
+FORMAT = "nmosd-ms-bundle/2"
+CARD_NAME = "MODEL_CARD.md"
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")  # records of newer versions stay readable
+
+
+class BundleFile(_Record):
+    """One fold model's weights: a path inside the bundle and its sha256."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    repeat: int | None = None
+    fold: int | None = None
+    test_ids: list[str] = Field(default_factory=list)
+
+
+class MetricSummary(_Record):
+    mean: float | None = None
+    sd: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+class TrainingRecord(_Record):
+    """Where the weights come from: the cohort (IDs and input hashes, for leakage checks), the
+    full training options and seed, and how they were made (cv folds or one fit)."""
+
+    cohort_hash: str
+    n_subjects: int = Field(ge=1)
+    counts: dict[str, int]
+    lesion_source: dict[str, dict[str, int]] | None = None
+    train: TrainConfig
+    seed: int | None = None
+    kind: str
+    source: str
+    participant_ids: list[str] = Field(default_factory=list)
+    input_sha256: list[str] = Field(default_factory=list)
+
+
+class BundleInfo(_Record):
+    """``model.json``: everything needed to preprocess a new subject exactly as the training
+    cohort was, to rebuild the networks, and to say where they come from."""
+
+    format: Literal["nmosd-ms-bundle/2"] = FORMAT
+    name: str
+    model: str
+    family: str = ""
+    views: list[str] = Field(default_factory=list)
+    description: str = ""
+    size: int = Field(ge=MIN_SIZE, le=MAX_SIZE, description="the networks' input edge length")
+    prepare: PrepareConfig = Field(description="preprocessing, at the cache's size")
+    labels: list[str] = Field(default_factory=lambda: list(LABELS))
+    positive_class: str = POSITIVE
+    threshold: float = Field(THRESHOLD, gt=0, lt=1)
+    training: TrainingRecord
+    cv_metrics: dict[str, MetricSummary] = Field(default_factory=dict)
+    files: list[BundleFile] = Field(min_length=1)
+    nmosd_ms_version: str = ""
+    created: str = ""
+
+    @property
+    def cache_size(self) -> int:
+        return int(self.prepare.size)
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A format-1 ``model.json`` (preprocessing = PrepareConfig at the model size + cache_size;
+    training.train_config) as format 2, so that one schema validates both."""
+    if data.get("format") != "nmosd-ms-bundle/1":
+        return data
+    out = dict(data)
+    prep = dict(out.pop("preprocessing", None) or {})
+    if "cache_size" in prep:
+        prep["size"] = prep.pop("cache_size")
+    out["prepare"] = prep
+    training = dict(out.get("training") or {})
+    if "train_config" in training:
+        training["train"] = training.pop("train_config")
+    out["training"] = training
+    out["format"] = FORMAT
+    return out
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its folder, its :class:`BundleInfo` and the fold networks (eval mode)."""
+
+    path: Path
+    info: BundleInfo
+    models: list[torch.nn.Module]
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Bundle:
+        return load_bundle(model_dir)
+
+    @torch.no_grad()
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        """P(NMOSD) of each fold model for one prepared volume (S, S, S) at the bundle's size."""
+        volume = np.asarray(volume, dtype=np.float32)
+        if volume.shape != (self.info.size,) * 3:
+            raise NmosdError(
+                f"the bundle's networks take a {self.info.size}³ volume, not {volume.shape}"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
+        return np.array([float(torch.softmax(m(x), 1)[0, 1]) for m in self.models])
+
+
+def _check_memory(info: BundleInfo, folder: Path) -> None:
+    """Refuse a bundle whose model size would not fit in memory before torch allocates it."""
+    size = int(info.size)
+    per_voxel = 64 * 4 if get_spec(info.model).family == "resnet3d" else 16 * 4 * 2
+    need = per_voxel * size**3
+    avail = available_memory_bytes()
+    if avail is not None and need > avail // 2:
+        raise NmosdError(
+            f"bundle {folder}: a {info.model} at size {size}³ needs about {need / 2**30:.1f} GiB, "
+            f"more than half the {avail / 2**30:.1f} GiB available"
+        )
+
+
+def read_info(model_dir: str | Path) -> BundleInfo:
+    """``model.json`` of a bundle, validated (format 1 upgraded); no weights are read."""
+    folder = Path(model_dir)
+    if not (folder / "model.json").exists():
+        raise NmosdError(f"{folder} is not a model bundle (no model.json)")
+    data = read_json(folder / "model.json", "bundle description")
+    if isinstance(data, dict):
+        data = _upgrade_v1(data)
+    info = validate_record(data, BundleInfo, "bundle description", folder / "model.json")
+    if info.size > info.cache_size:
+        raise NmosdError(f"{folder}/model.json: size {info.size} exceeds prepare.size")
+    return info
+
+
+def load_bundle(model_dir: str | Path) -> Bundle:
+    """Read the bundle folder ``model_dir``: model.json validated (:class:`BundleInfo`), each
+    weight file checked against its sha256 before it is read, nothing unpickled."""
+    folder = Path(model_dir)
+    info = read_info(folder)
+    spec = get_spec(info.model)
+    if not spec.is_torch:
+        raise NmosdError(f"{folder}/model.json names {info.model}, which is not a network")
+    _check_memory(info, folder)
+    models = []
+    for f in info.files:
+        path = inside(folder, f.file, action="read")
+        if not path.is_file():
+            raise NmosdError(f"bundle {folder} is incomplete: {f.file} is missing")
+        if sha256_file(path) != f.sha256:
+            raise NmosdError(f"bundle {folder}: {f.file} was altered (sha256 mismatch); refusing")
+        net = spec.build(size=info.size)
+        load_model_file(net, path)
+        models.append(net.eval())
+    return Bundle(folder, info, models)
+
+
+def make_info(
+    model: str,
+    size: int,
+    prepare: PrepareConfig | dict,
+    training: dict[str, Any],
+    files: list[dict],
+    metrics: dict | None = None,
+) -> BundleInfo:
+    """A validated :class:`BundleInfo` for ``model`` at input ``size``."""
+    spec = get_spec(model)
+    return BundleInfo(
+        name=f"nmosd-ms {model}",
+        model=model,
+        family=spec.family,
+        views=list(spec.views),
+        description=spec.description,
+        size=size,
+        prepare=prepare,
+        training=training,
+        cv_metrics=metrics or {},
+        files=files,
+        nmosd_ms_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def write_bundle(out_dir: str | Path, info: BundleInfo, weights: dict[str, Path | dict]) -> Path:
+    """Write a new bundle folder atomically: ``weights`` maps each ``info.files[i].file`` to a
+    weight file to copy or a state dict to save; the bundle is read back (as ``predict`` will)
+    before it is moved into place. An existing ``out_dir`` is refused."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists():
+        raise NmosdError(f"the bundle folder {out} exists; bundles are never overwritten")
+    with atomic_dir(out) as tmp:
+        files = []
+        for f in info.files:
+            target = inside(tmp, f.file)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = weights[f.file]
+            if isinstance(src, dict):
+                with atomic_path(target, suffix=".safetensors") as t:
+                    save_file(src, str(t), metadata={"model": info.model})
+            else:
+                shutil.copyfile(src, target)
+            files.append(f.model_copy(update={"sha256": sha256_file(target)}))
+        info = info.model_copy(update={"files": files})
+        write_json(tmp / "model.json", info.model_dump(mode="json"))
+        write_text(tmp / CARD_NAME, model_card(info))
+        load_bundle(tmp)  # refuse rather than ship a bundle predict cannot read
+    return out
+
+
+PLACEHOLDER_SHA = "0" * 64
+
+
+def export_bundle(
+    run_dir: str | Path, model: str, out_dir: str | Path, repeats: list[int] | None = None
+) -> Path:
+    """Bundle the fold models of ``model`` from the cv run folder ``run_dir`` into the new
+    folder ``out_dir``: the fold models of ``repeats`` (default ``[0]``: the k models of repeat 0)
+    form an ensemble; the cross-validated metrics go into the model card. Returns ``out_dir``."""
+    from .report.tables import table2
+    from .training.runfolder import RunFolder
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.exists():
+        raise NmosdError(f"the bundle folder {out} exists; bundles are never overwritten")
+    folder = RunFolder(run_dir)
+    run = folder.load()
+    spec = get_spec(model)
+    if not spec.is_torch:
+        raise NmosdError(f"{model}: only neural-network models can be exported")
+    if model not in run.models:
+        raise NmosdError(f"{run_dir} has no finished folds of {model}")
+    repeats = repeats if repeats is not None else [0]
+    folds = run.folds[(run.folds["model"] == model) & run.folds["repeat"].isin(repeats)]
+    k = int(run.meta["options"]["folds"])
+    if len(folds) != k * len(repeats):
+        raise NmosdError(f"{model}: repeats {repeats} are not finished in {run_dir}")
+    train, size = folder.training_config(model)
+    t2 = table2(run).set_index("model").loc[model]
+    metrics = {
+        m: {
+            "mean": t2[f"{m}_mean"],
+            "sd": t2[f"{m}_sd"],
+            "ci_low": t2[f"{m}_ci_low"],
+            "ci_high": t2[f"{m}_ci_high"],
+        }
+        for m in METRIC_NAMES
+    }
+    weights, files = {}, []
+    for w in folder.fold_weights(model, folds):
+        name = f"weights/repeat-{w.repeat}_fold-{w.fold}.safetensors"
+        weights[name] = w.path
+        files.append(
+            {
+                "file": name,
+                "sha256": w.sha256,
+                "repeat": w.repeat,
+                "fold": w.fold,
+                "test_ids": w.test_ids,
+            }
+        )
+    opts, cohort = run.meta["options"], run.meta["cohort"]
+    training = {
+        "cohort_hash": opts["cohort_hash"],
+        "n_subjects": opts["n_subjects"],
+        "counts": cohort["counts"],
+        "lesion_source": cohort.get("lesion_source"),
+        "train": train,
+        "seed": opts["seed"],
+        "kind": "cross-validation fold models",
+        "source": str(run_dir.resolve()),
+        "participant_ids": sorted(set(run.splits["participant_id"].astype(str))),
+    }
+    info = make_info(model, size, opts["prepare"], training, files, metrics)
+    return write_bundle(out, info, weights)
+
+
+CARD = """# Model card: {name}
+
+**Research use only. Not a medical device; not for diagnosis or treatment decisions.**
+
+## Model
+- Architecture: `{model}` — {description}
+- Input: {input} resized to {size}³ after cropping to the brain/head box (preprocessing below)
+- Output: P(NMOSD); NMOSD is the positive class, called at P(NMOSD) ≥ {threshold}. The bundle
+  averages {n} fold model(s); the spread across them is reported as an uncertainty figure.
+- Views (two-/three-view models): {views}. Axes are those of the canonical RAS volume: `lr` =
+  left-right, `ap` = anterior-posterior, `si` = inferior-superior; each listed axis becomes the
+  channel axis of one compression block (the paper's default pair is lr + ap).
+
+## Training data
+- Cohort: {n_subjects} subjects ({counts}); cohort hash `{cohort_hash}`.
+- Lesion maps: {lesion_source}
+- Source: {source}. Weights: {kind}.
+- Training options: {train}
+
+## Performance ({perf_source})
+{performance}
+
+## Preprocessing
+{preprocessing}
+
+## Limitations
+- Trained on a small cohort; performance on other scanners, protocols and populations is unknown.
+- Only white-matter-lesion maps are seen (no spinal cord, no antibodies, no clinical data), which
+  cannot separate NMOSD from MS for patients whose brain lesions look alike (seronegative NMOSD,
+  MS with few lesions, NMOSD without brain lesions).
+- If the training cohort is the built-in synthetic one, the numbers above describe synthetic data
+  only and say nothing about patients.
+"""
+
+
+def model_card(info: BundleInfo) -> str:
+    """``MODEL_CARD.md`` of a bundle, from its :class:`BundleInfo` alone."""
+    m = info.cv_metrics
+    lines = []
+    for k, v in m.items():
+        ci = f"95 % CI {v.ci_low:.3f}–{v.ci_high:.3f}"
+        sd = f"SD over repeats {v.sd:.3f}; " if v.sd is not None and v.sd == v.sd else ""
+        lines.append(f"- {k.replace('_', ' ')}: {v.mean:.3f} ({sd}{ci})")
+    perf = "\n".join(lines) or (
+        "- not estimated: this model was fitted on the whole cohort (see `nmosd-ms cv`)."
+    )
+    prep = "\n".join(f"- {k}: {v}" for k, v in info.prepare.model_dump().items())
+    prep += f"\n- model input size: {info.size} (resized from the prepared {info.cache_size}³)"
+    t = info.training
+    counts = ", ".join(f"{v} {k}" for k, v in t.counts.items())
+    lesion_source = (
+        "; ".join(
+            f"{k} {v['given']} given, {v['segmented']} segmented by nmosd-ms"
+            for k, v in t.lesion_source.items()
+        )
+        + ". A FLAIR given alone to `predict` is segmented the same way."
+        if t.lesion_source
+        else "not recorded (a run written before nmosd-ms recorded it)."
+    )
+    train = ", ".join(f"{k}={v}" for k, v in t.train.model_dump().items())
+    return CARD.format(
+        name=info.name,
+        model=info.model,
+        description=info.description,
+        input=info.prepare.input,
+        size=info.size,
+        threshold=info.threshold,
+        n=len(info.files),
+        views=", ".join(info.views) or "n/a (3D model)",
+        n_subjects=t.n_subjects,
+        counts=counts,
+        lesion_source=lesion_source,
+        cohort_hash=t.cohort_hash[:16],
+        source=t.source,
+        kind=t.kind,
+        train=train + (f", seed={t.seed}" if t.seed is not None else ""),
+        perf_source="cross-validation, held-out folds" if m else "none",
+        performance=perf,
+        preprocessing=prep,
+    )
