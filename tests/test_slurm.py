@@ -221,3 +221,72 @@ def test_a_slurm_job_array_and_collect_equal_the_local_run(slurm, cache16, local
     writers = {json.loads(p.read_text())["writer"]["pid"] for p in (run / "folds").rglob("*.json")}
     assert len(writers) == 2  # the two array tasks trained the folds between them
     print(f"SLURM array (2 tasks) + collect, tiny CV: {wall:.0f} s wall")
+
+
+def test_dask_jobqueue_on_slurm_equals_the_local_run(
+    slurm, cache16, local_folds, tmp_path, monkeypatch
+):
+    """The README's recipe: a dask-jobqueue SLURMCluster (one single-threaded worker per job)
+    and cv given its scheduler (the executor object, as ``--scheduler ADDRESS`` makes it)."""
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed")
+    from dask.distributed import Client
+    from dask_jobqueue import SLURMCluster
+
+    import nmosd_ms as nm
+    from nmosd_ms.training.executors import DaskExecutor
+
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cluster = SLURMCluster(
+        cores=1,
+        processes=1,
+        memory="3GB",
+        walltime="00:20:00",
+        python=sys.executable,
+        log_directory=str(logs),
+        scheduler_options={"dashboard_address": None},
+    )
+    try:
+        cluster.scale(jobs=2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+        config = nm.CVConfig(
+            models=("twoview-18", "lesionload-logreg"),
+            repeats=2,
+            folds=2,
+            seed=5,
+            train=nm.TrainConfig(epochs=2, batch_size=4),
+        )
+        run = tmp_path / "run"
+        executor = DaskExecutor(scheduler=cluster.scheduler_address, threads=1)
+        meta = nm.run_cv(cache16, run, config, device="cpu", executor=executor)
+        assert meta["finished"] and meta["executor"]["scheduler"] == cluster.scheduler_address
+        _same(run, local_folds)
+    finally:
+        cluster.close()
+
+
+def test_gpu_workers_each_see_only_their_own_device(cache16):
+    """One worker per GPU, pinned by CUDA_VISIBLE_DEVICES: checked on real worker processes with
+    a fake device list (no GPU here), and the choice made for --device cuda on several GPUs."""
+    from unittest import mock
+
+    from nmosd_ms.training import executors as ex
+
+    specs = ex.gpu_worker_specs(["0", "1"])
+    assert [s["options"]["env"]["CUDA_VISIBLE_DEVICES"] for s in specs.values()] == ["0", "1"]
+    assert all(s["options"]["nthreads"] == 1 for s in specs.values())  # one fold per GPU
+    with pytest.raises(ValueError, match="distinct"):
+        ex.gpu_worker_specs(["0", "0"])
+    with ex.DaskExecutor(gpus=["0", "1"], threads=1) as dask_ex:
+        seen = dask_ex.client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["0", "1"]
+        assert dask_ex._capacity() == 2
+    with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "2,3,5"}):
+        assert ex.visible_gpus() == ["2", "3", "5"]
+        made = ex.make_executor("dask", device="cuda", threads=1)
+        assert made.gpus == ["2", "3", "5"] and made.workers == 3
+        assert ex.make_executor("dask", device="cpu").gpus is None
+        assert ex.make_executor("dask", scheduler="tcp://x:1", device="cuda").gpus is None

@@ -52,8 +52,10 @@ def _environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "device": str(device),
+        # the client's (folds record their own device); CUDA is queried only where the folds
+        # run here, so a client of remote workers never initialises it
         "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
+        if device.type == "cuda" and torch.cuda.is_available()
         else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -152,7 +154,7 @@ def run_cv(
             raise NmosdError("collect trains nothing: give it no shard", option="shard")
     if isinstance(executor, str):
         try:
-            executor = make_executor(executor, scheduler, workers, threads)
+            executor = make_executor(executor, scheduler, workers, threads, device)
         except ValueError as exc:
             raise NmosdError(str(exc), option="executor") from None
     folder = RunFolder(out_dir)
@@ -167,7 +169,11 @@ def run_cv(
                 f"model size {m}={s}: must be between 8 and the cache size {cache_size}",
                 option="model_sizes",
             )
-    dev = resolve_device(device)
+    if isinstance(executor, LocalExecutor):
+        dev = resolve_device(device)  # folds run in this process: resolve (and check) here
+    else:  # folds run on workers, which resolve "auto"/"cuda" themselves (a login node has no
+        # GPU); each fold records the device it used
+        dev = resolve_device("cpu" if device == "auto" else device, check=False)
     options = {
         "cohort_hash": cohort.cohort_hash,
         "n_subjects": len(cohort.ids),
@@ -218,7 +224,8 @@ def run_cv(
                 )
             trained = 0
         else:
-            trained = _train_all(folder, cohort, config, tasks, str(dev), executor, progress)
+            worker_device = str(dev) if isinstance(executor, LocalExecutor) else device
+            trained = _train_all(folder, cohort, config, tasks, worker_device, executor, progress)
         with folder.meta_lock():
             meta = folder.read_meta()
             all_models = list(meta["models"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import socket
 import time
 import typing
 from collections.abc import Callable
@@ -38,12 +39,16 @@ class FoldOutput:
     peak_memory_mb: float = 0.0
     state_dict: dict | None = None
     n_fit: int | None = None  # subjects the model was fitted on (training part less inner-val)
+    device: str = "cpu"  # where it ran (resolved on the worker that trained it)
+    host: str = ""
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, check: bool = True) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; "cuda" is refused where no GPU is (unless
+    ``check`` is False: the name is then only parsed, for a device on another machine)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if check and device.startswith("cuda") and not torch.cuda.is_available():
         from ..errors import NmosdError
 
         raise NmosdError(
@@ -68,6 +73,36 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # an op this torch build does not have
         return False
+
+
+def _clock(dev: torch.device) -> float:
+    """A timer reading that waits for the device's queued work (CUDA runs asynchronously)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def prepare_device(dev: torch.device, precision: str) -> None:
+    """Per fold, on the device it trains on: refuse bf16 on a GPU without native bf16
+    (compute capability < 8.0; fp16 is the one to use there), make fp32 mean fp32 (no TF32 in
+    matmuls or cuDNN convolutions), set cuBLAS's deterministic workspace, and reset the peak
+    memory counter so that each fold's peak is its own."""
+    if dev.type != "cuda":
+        return
+    import os
+
+    from ..errors import NmosdError
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise NmosdError(
+            f"{torch.cuda.get_device_name(dev)} has no native bf16 (compute capability below "
+            "8.0); use fp16 on this GPU",
+            option="precision",
+        )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.cuda.reset_peak_memory_stats(dev)
 
 
 def precision_note(precision: str, device: str) -> str | None:
@@ -180,6 +215,7 @@ def train_torch_fold(
 ) -> FoldOutput:
     """Train ``model_name`` from scratch (or from ``config.weights``) on one fold."""
     dev = resolve_device(device)
+    prepare_device(dev, config.precision)
     torch.manual_seed(seed)
     np_rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -222,10 +258,10 @@ def train_torch_fold(
     calibrated = False
     curves: list[dict] = []
     best = (math.inf, None, 0)
-    t0 = time.perf_counter()
+    t0 = _clock(dev)
     epochs_run = 0
     for epoch in range(1, config.epochs + 1):
-        te = time.perf_counter()
+        te = _clock(dev)
         model.train()
         order = np_rng.permutation(fit_idx)
         batches = [
@@ -235,7 +271,11 @@ def train_torch_fold(
             batches[-2] = np.concatenate([batches[-2], batches[-1]])
             batches.pop()
         lr = opt.param_groups[0]["lr"]
-        total_loss, correct, seen = 0.0, 0, 0
+        # summed on the device and read once per epoch: no host-device sync per step (the
+        # float64 sums equal the per-step Python floats they replace)
+        total_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        seen = 0
         for bidx in batches:
             xb = augmented_batch(volumes, bidx, config.shift, config.flip, gen).to(dev)
             yb = y_all[bidx].to(dev)
@@ -250,8 +290,8 @@ def train_torch_fold(
             else:
                 loss.backward()
                 opt.step()
-            total_loss += float(loss.detach()) * len(bidx)
-            correct += int((logits.argmax(1) == yb).sum())
+            total_loss += loss.detach().double() * len(bidx)
+            correct += (logits.argmax(1) == yb).sum()
             seen += len(bidx)
         sched.step()
         epochs_run = epoch
@@ -259,8 +299,8 @@ def train_torch_fold(
         row = {
             "epoch": epoch,
             "lr": lr,
-            "train_loss": total_loss / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
+            "train_loss": float(total_loss) / max(seen, 1),
+            "train_accuracy": int(correct) / max(seen, 1),
             "test_loss": math.nan,
             "test_accuracy": math.nan,
         }
@@ -269,7 +309,7 @@ def train_torch_fold(
             row["test_loss"], row["test_accuracy"] = _loss_acc(
                 model, volumes[test_idx], labels[test_idx], dev, config.precision
             )
-        row["seconds"] = time.perf_counter() - te
+        row["seconds"] = _clock(dev) - te
         curves.append(row)
         if on_epoch:
             on_epoch(epoch, config.epochs)
@@ -285,8 +325,8 @@ def train_torch_fold(
         model.load_state_dict(best[1])
         calibrated = False
     calibrate()
-    train_seconds = time.perf_counter() - t0
-    ti = time.perf_counter()
+    train_seconds = _clock(dev) - t0
+    ti = _clock(dev)
     prob = predict_proba(model, volumes[test_idx], dev, config.precision)
     if not np.isfinite(prob).all():
         from ..errors import NmosdError
@@ -294,7 +334,7 @@ def train_torch_fold(
         raise NmosdError(
             f"{model_name}: training diverged (non-finite outputs); try a lower learning rate"
         )
-    inference_ms = (time.perf_counter() - ti) * 1000 / max(len(test_idx), 1)
+    inference_ms = (_clock(dev) - ti) * 1000 / max(len(test_idx), 1)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return FoldOutput(
         prob_nmosd=prob,
@@ -305,6 +345,8 @@ def train_torch_fold(
         peak_memory_mb=_peak_memory_mb(dev),
         state_dict=state,
         n_fit=len(fit_idx),
+        device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        host=socket.gethostname(),
     )
 
 

@@ -355,6 +355,7 @@ class RunFolder:
             "curves": out.curves,
             "weights": weights_info,
             "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+            "device": {"name": out.device, "host": out.host or socket.gethostname()},
         }
         write_json(self._fold_json(*task.key), record)
         return record
