@@ -19,10 +19,12 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
     # restored after the test whatever prepare_device sets
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    return calls
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed, as a user might have set
+    yield calls
+    torch.set_float32_matmul_precision(precision)
 
 
 def test_a_gpu_without_native_bf16_is_refused_with_fp16_named(fake_gpu, monkeypatch):
@@ -37,7 +39,7 @@ def test_fp32_on_a_gpu_means_fp32_and_each_fold_has_its_own_peak(fake_gpu, monke
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)
     loop.prepare_device(torch.device("cuda"), "fp32")
     assert torch.backends.cudnn.allow_tf32 is False
-    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.get_float32_matmul_precision() == "highest"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # deterministic cuBLAS
     assert fake_gpu == ["reset"]
     assert loop._clock(torch.device("cuda")) > 0 and fake_gpu[-1] == "sync"  # timers wait
