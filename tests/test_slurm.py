@@ -75,6 +75,9 @@ def test_two_shards_started_together_complete_one_run(cache16, local_folds, tmp_
 
 def test_a_killed_shard_resubmitted_completes_the_run(cache16, local_folds, tmp_path):
     run = tmp_path / "run"
+    res = subprocess.run(_cv(cache16, run, "--collect"), capture_output=True, text=True)
+    assert res.returncode == 2 and "no run to collect" in res.stderr
+    assert not run.exists()  # a refused collect writes nothing
     shard = _cv(cache16, run, "--threads", "1", "--shard", "1/2")
     proc = subprocess.Popen(shard, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folds = run / "folds"

@@ -20,7 +20,6 @@ one label are refused.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -152,7 +151,7 @@ class DerivativeDataset:
         described = {c: {"Description": columns.get(c, c)} for c in table.columns}
         write_tsv(inside(self.root, TABLES, f"{name}.tsv"), table)
         sidecar = {"MeasurementToolMetadata": meta, **described}
-        write_json(inside(self.root, TABLES, f"{name}.json"), json.loads(json.dumps(sidecar)))
+        write_json(inside(self.root, TABLES, f"{name}.json"), sidecar)
         return self.root / TABLES / f"{name}.tsv"
 
     @staticmethod

@@ -83,7 +83,7 @@ def fit_bundle(
         "seed": seed,
         "kind": "one model fitted on the whole cohort (no held-out estimate)",
         "source": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
-        "participant_ids": sorted(cohort.ids),
+        "participant_ids": sorted(set(cohort.participants)),  # people, not scans
         "input_sha256": _input_hashes(cohort),
     }
     files = [{"file": name, "sha256": PLACEHOLDER_SHA}]  # the real digest is set when written

@@ -159,6 +159,8 @@ def run_cv(
             raise NmosdError(str(exc), option="executor") from None
     folder = RunFolder(out_dir)
     folder.check_own()
+    if collect and not folder.has_run():
+        raise NmosdError(f"{folder.root} holds no run to collect (run the shards first)")
     cohort = cache_dir if isinstance(cache_dir, PreparedCohort) else load_prepared(cache_dir)
     check_trainable(cohort.diagnoses, config.folds)
     cache_size = int(cohort.volumes.shape[-1])

@@ -199,6 +199,10 @@ class RunFolder:
         return found
 
     # -- run.json ----------------------------------------------------------------------------
+    def has_run(self) -> bool:
+        """Whether a run was started here (run.json exists)."""
+        return (self.root / "run.json").is_file()
+
     def read_meta(self) -> dict:
         """run.json as written (options compared as stored), once it validates as a run record."""
         from ..records import RunRecord, validate_record
@@ -225,7 +229,7 @@ class RunFolder:
         root = self.root
         remove_stale_temporaries(root, recursive=False)
         remove_stale_temporaries(root / "results", recursive=False)
-        if (root / "run.json").is_file():
+        if self.has_run():
             old = self.read_meta()
             diff = sorted(
                 k
