@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from typer.testing import CliRunner
 
 from nmosd_ms.cli import app
@@ -106,3 +108,18 @@ def bids_errors(dataset) -> list[dict]:
             f"the validator gave no report ({exc}): {res.stderr[-2000:]}"
         ) from None
     return [i for i in issues if i.get("severity") == "error"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]

@@ -32,6 +32,7 @@ FORMATS = {
     "data/cache.py": ("prepare.json", "index.tsv", "features.tsv", "spatial.json"),
     "bundle.py": ("model.json", "MODEL_CARD.md"),
     "derivatives.py": (".bidsignore",),
+    "evaluate.py": ("evaluation.json",),
 }
 
 

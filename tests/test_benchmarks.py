@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from conftest import ROOT
 
 
@@ -55,3 +56,29 @@ def test_protocol_summary_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert res.returncode != 0 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope'} is not a cv run folder (no run.json)"
     ]
+
+
+def test_gpu_estimate_is_the_benchmark_flops_over_the_assumed_throughput(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_estimate", ROOT / "benchmarks/gpu_estimate.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    estimate = module.estimate
+    full = json.loads((ROOT / "benchmarks" / "results" / "full.json").read_text())
+    rows = {r["model"]: r for r in estimate(full, 10.0, 0.5, [1, 4])}
+    step = full["step_gflops"]["resnet3d-18"] * full["step_seconds"]["resnet3d-18"]  # GFLOP
+    pflop = step * 75 * 100 * 9 / 1e6  # 75 folds x 100 epochs x ceil(70 / 8) steps
+    assert rows["resnet3d-18"]["pflop"] == pytest.approx(pflop)
+    assert rows["resnet3d-18"]["1 GPU"] == pytest.approx(pflop * 1e3 / 5.0 / 3600)
+    assert rows["resnet3d-18"]["4 GPU"] == pytest.approx(rows["resnet3d-18"]["1 GPU"] / 4)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_estimate", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "not measured" in (tmp_path / "gpu_estimate.md").read_text()

@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CHROMIUM, FLAGS
 from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
 
@@ -178,21 +179,6 @@ def test_unbalanced_lesion_sources_are_flagged(small_run, tmp_path):
         assert row["n_nmosd"] == n and row["n_ms"] == 0 and np.isnan(row["specificity"])
         assert row["sensitivity"] == pytest.approx((nmosd["prob_nmosd"] >= 0.5).mean())
         assert within.loc[(model, "given"), "n_ms"] == m
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--enable-logging=stderr",
-    "--v=0",
-]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")

@@ -77,6 +77,9 @@ _EXPORTS = {
     "predict_subjects": "predict",
     "predict_arrays": "predict",
     "saliency_volume": "predict",
+    # external validation
+    "evaluate_cohort": "evaluate",
+    "Evaluation": "evaluate",
 }
 
 __all__ = ["LABELS", "POSITIVE", "THRESHOLD", "__version__", *_EXPORTS]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from .io import (
     write_text,
 )
 from .models import get_spec
+from .models.lesionload import LesionLoadModel
 from .models.weights import load_model_file
 from .records import MAX_SIZE, MIN_SIZE, validate_record
 
@@ -82,6 +83,18 @@ class TrainingRecord(_Record):
     source: str
     participant_ids: list[str] = Field(default_factory=list)
     input_sha256: list[str] = Field(default_factory=list)
+    summary: dict | None = Field(
+        None, description="class balance, load quantiles, grids (nmosd_ms.data.summary)"
+    )
+
+
+class BaselineFile(_Record):
+    """A lesion-load model fitted on the whole training cohort (its parameters as arrays in a
+    safetensors file, no pickle): what ``evaluate`` sets beside the network on another cohort."""
+
+    name: str
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class BundleInfo(_Record):
@@ -102,6 +115,7 @@ class BundleInfo(_Record):
     training: TrainingRecord
     cv_metrics: dict[str, MetricSummary] = Field(default_factory=dict)
     files: list[BundleFile] = Field(min_length=1)
+    baselines: list[BaselineFile] = Field(default_factory=list)
     nmosd_ms_version: str = ""
     created: str = ""
 
@@ -135,10 +149,24 @@ class Bundle:
     path: Path
     info: BundleInfo
     models: list[torch.nn.Module]
+    baselines: dict[str, LesionLoadModel] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> Bundle:
-        return load_bundle(model_dir)
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> Bundle:
+        return load_bundle(model_dir, device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the fold networks are (and where :meth:`predict_volume` computes)."""
+        return next(self.models[0].parameters()).device
+
+    def to(self, device: str | torch.device) -> Bundle:
+        """Move the fold networks to ``device`` ("auto", "cpu", "cuda" or "cuda:N")."""
+        from .training.loop import resolve_device
+
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        self.models = [m.to(dev) for m in self.models]
+        return self
 
     @torch.no_grad()
     def predict_volume(self, volume: np.ndarray) -> np.ndarray:
@@ -148,8 +176,9 @@ class Bundle:
             raise NmosdError(
                 f"the bundle's networks take a {self.info.size}³ volume, not {volume.shape}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
-        return np.array([float(torch.softmax(m(x), 1)[0, 1]) for m in self.models])
+        x = torch.from_numpy(np.ascontiguousarray(volume))[None, None].to(self.device)
+        probs = torch.stack([torch.softmax(m(x), 1)[0, 1] for m in self.models])
+        return probs.double().cpu().numpy()  # one device-to-host copy per subject
 
 
 def _check_memory(info: BundleInfo, folder: Path) -> None:
@@ -179,9 +208,10 @@ def read_info(model_dir: str | Path) -> BundleInfo:
     return info
 
 
-def load_bundle(model_dir: str | Path) -> Bundle:
+def load_bundle(model_dir: str | Path, device: str = "cpu") -> Bundle:
     """Read the bundle folder ``model_dir``: model.json validated (:class:`BundleInfo`), each
-    weight file checked against its sha256 before it is read, nothing unpickled."""
+    weight file checked against its sha256 before it is read, nothing unpickled. The networks
+    are placed on ``device`` ("cpu", "auto": a GPU when there is one, "cuda", "cuda:N")."""
     folder = Path(model_dir)
     info = read_info(folder)
     spec = get_spec(info.model)
@@ -190,15 +220,36 @@ def load_bundle(model_dir: str | Path) -> Bundle:
     _check_memory(info, folder)
     models = []
     for f in info.files:
-        path = inside(folder, f.file, action="read")
-        if not path.is_file():
-            raise NmosdError(f"bundle {folder} is incomplete: {f.file} is missing")
+        path = _verified(folder, f.file)
         if sha256_file(path) != f.sha256:
             raise NmosdError(f"bundle {folder}: {f.file} was altered (sha256 mismatch); refusing")
         net = spec.build(size=info.size)
         load_model_file(net, path)
         models.append(net.eval())
-    return Bundle(folder, info, models)
+    return Bundle(folder, info, models, _load_baselines(folder, info)).to(device)
+
+
+def _verified(folder: Path, file: str) -> Path:
+    path = inside(folder, file, action="read")
+    if not path.is_file():
+        raise NmosdError(f"bundle {folder} is incomplete: {file} is missing")
+    return path
+
+
+def _load_baselines(folder: Path, info: BundleInfo) -> dict[str, LesionLoadModel]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    out = {}
+    for b in info.baselines:
+        path = _verified(folder, b.file)
+        if sha256_file(path) != b.sha256:
+            raise NmosdError(f"bundle {folder}: {b.file} was altered (sha256 mismatch); refusing")
+        try:
+            out[b.name] = LesionLoadModel(b.name, load_file(str(path)))
+        except (SafetensorError, ValueError) as exc:
+            raise NmosdError(f"bundle {folder}: {b.file}: {exc}") from None
+    return out
 
 
 def make_info(
@@ -227,10 +278,18 @@ def make_info(
     )
 
 
-def write_bundle(out_dir: str | Path, info: BundleInfo, weights: dict[str, Path | dict]) -> Path:
+def write_bundle(
+    out_dir: str | Path,
+    info: BundleInfo,
+    weights: dict[str, Path | dict],
+    baselines: dict[str, dict[str, np.ndarray]] | None = None,
+) -> Path:
     """Write a new bundle folder atomically: ``weights`` maps each ``info.files[i].file`` to a
-    weight file to copy or a state dict to save; the bundle is read back (as ``predict`` will)
-    before it is moved into place. An existing ``out_dir`` is refused."""
+    weight file to copy or a state dict to save; ``baselines`` maps lesion-load model names to
+    their arrays (:func:`~nmosd_ms.models.lesionload.fit_lesionload_arrays`). The bundle is read
+    back (as ``predict`` will) before it is moved into place. An existing ``out_dir`` is
+    refused."""
+    from safetensors.numpy import save_file as save_arrays
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -248,7 +307,18 @@ def write_bundle(out_dir: str | Path, info: BundleInfo, weights: dict[str, Path 
             else:
                 shutil.copyfile(src, target)
             files.append(f.model_copy(update={"sha256": sha256_file(target)}))
-        info = info.model_copy(update={"files": files})
+        listed = []
+        for name, arrays in (baselines or {}).items():
+            target = inside(tmp, f"baselines/{name}.safetensors")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target, suffix=".safetensors") as t:
+                save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(t))
+            listed.append(
+                BaselineFile(
+                    name=name, file=target.relative_to(tmp).as_posix(), sha256=sha256_file(target)
+                )
+            )
+        info = info.model_copy(update={"files": files, "baselines": listed})
         write_json(tmp / "model.json", info.model_dump(mode="json"))
         write_text(tmp / CARD_NAME, model_card(info))
         load_bundle(tmp)  # refuse rather than ship a bundle predict cannot read
@@ -256,6 +326,28 @@ def write_bundle(out_dir: str | Path, info: BundleInfo, weights: dict[str, Path 
 
 
 PLACEHOLDER_SHA = "0" * 64
+
+
+def cohort_record(cohort, seed: int = 0) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """What a bundle keeps of its training cohort (a
+    :class:`~nmosd_ms.data.cache.PreparedCohort`) besides the weights: the record fields for
+    leakage checks and comparisons (participants, input hashes, summary) and the lesion-load
+    models fitted on it (as arrays), which ``evaluate`` sets beside the network elsewhere."""
+    from .data.features import FEATURES
+    from .data.summary import cohort_summary
+    from .models.lesionload import fit_lesionload_arrays
+
+    cols = [
+        c for c in ("flair_sha256", "lesion_mask_sha256", "brain_mask_sha256") if c in cohort.index
+    ]
+    hashes = sorted({str(v) for c in cols for v in cohort.index[c] if isinstance(v, str) and v})
+    record = {
+        "participant_ids": sorted(set(cohort.participants)),  # people, not scans
+        "input_sha256": hashes,
+        "summary": cohort_summary(cohort),
+    }
+    features = cohort.features()[list(FEATURES)].to_numpy(dtype=np.float64)
+    return record, fit_lesionload_arrays(features, cohort.labels, seed)
 
 
 def export_bundle(
@@ -307,6 +399,7 @@ def export_bundle(
             }
         )
     opts, cohort = run.meta["options"], run.meta["cohort"]
+    record, baselines = _run_cohort_record(cohort.get("path"), opts["cohort_hash"], opts["seed"])
     training = {
         "cohort_hash": opts["cohort_hash"],
         "n_subjects": opts["n_subjects"],
@@ -317,9 +410,26 @@ def export_bundle(
         "kind": "cross-validation fold models",
         "source": str(run_dir.resolve()),
         "participant_ids": sorted(set(run.splits["participant_id"].astype(str))),
+        **record,
     }
     info = make_info(model, size, opts["prepare"], training, files, metrics)
-    return write_bundle(out, info, weights)
+    return write_bundle(out, info, weights, baselines)
+
+
+def _run_cohort_record(path: str | None, cohort_hash: str, seed: int):
+    """:func:`cohort_record` of a cv run's cache when it is still there and unchanged (else the
+    bundle carries no baselines, no input hashes and no summary: ``evaluate`` says so)."""
+    from .data.cache import load_prepared
+
+    if not path or path == "in memory" or not Path(path).is_dir():
+        return {}, {}
+    try:
+        cohort = load_prepared(path)
+    except NmosdError:
+        return {}, {}
+    if cohort.cohort_hash != cohort_hash:
+        return {}, {}
+    return cohort_record(cohort, seed)
 
 
 CARD = """# Model card: {name}
@@ -340,6 +450,8 @@ CARD = """# Model card: {name}
 - Lesion maps: {lesion_source}
 - Source: {source}. Weights: {kind}.
 - Training options: {train}
+- Lesion-load baselines fitted on the whole cohort (for `nmosd-ms evaluate` on other cohorts):
+  {baselines}
 
 ## Performance ({perf_source})
 {performance}
@@ -398,6 +510,7 @@ def model_card(info: BundleInfo) -> str:
         source=t.source,
         kind=t.kind,
         train=train + (f", seed={t.seed}" if t.seed is not None else ""),
+        baselines=", ".join(f"`{b.name}`" for b in info.baselines) or "none recorded",
         perf_source="cross-validation, held-out folds" if m else "none",
         performance=perf,
         preprocessing=prep,

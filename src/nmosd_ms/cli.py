@@ -373,6 +373,13 @@ def phantom(
             "every patient has lesions; 0.35-0.40 of AQP4-NMOSD patients in general)"
         ),
     ] = 0.0,
+    site: Annotated[
+        str,
+        typer.Option(
+            help="letters/digits prefixing every participant label (sub-<site>001), so that "
+            "cohorts made as different sites share no IDs"
+        ),
+    ] = "",
 ):
     """Generate a synthetic NMOSD/MS cohort (BIDS) from the MNI152 template."""
     from .phantom import generate_cohort
@@ -388,6 +395,7 @@ def phantom(
             workers,
             bar,
             lesion_free_fraction=lesion_free_fraction,
+            site=site,
         )
     counts = df["diagnosis"].value_counts()
     out.print(
@@ -627,6 +635,7 @@ def predict(
     out_dir: Annotated[Path | None, typer.Option("--out", help="folder for the results")] = None,
     saliency: Annotated[bool, typer.Option(help="occlusion saliency maps (NIfTI + PNG)")] = False,
     occlusion_size: Annotated[int, typer.Option(min=2, help="occlusion patch (voxels)")] = 16,
+    device: Annotated[Device, typer.Option(help="where the networks and saliency run")] = "auto",
 ):
     """Predict NMOSD vs MS for new patients with a bundle's fold ensemble."""
     from rich.table import Table
@@ -648,7 +657,7 @@ def predict(
         raise NmosdError("nothing to predict: give --lesion-mask (and/or --flair) or --manifest")
     if saliency and out_dir is None:
         raise NmosdError("--saliency needs --out for the maps")
-    bundle = load_bundle(model_dir)
+    bundle = load_bundle(model_dir, device)
     with Bar("predict") as bar:
         df = predict_subjects(bundle, subjects, out_dir, saliency, occlusion_size, bar)
     table = Table(title=f"{bundle.info.model} ({len(bundle.models)} fold models)")
@@ -666,6 +675,67 @@ def predict(
         from .predict import PREDICTIONS
 
         out.print(f"written: {out_dir / PREDICTIONS} (a BIDS derivative dataset)")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="a bundle (nmosd-ms export or fit)")],
+    dataset: Annotated[
+        Path, typer.Argument(help="labelled external cohort: BIDS folder or manifest .tsv/.csv")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="new folder for the evaluation")],
+    lesions: Annotated[str, typer.Option(help="BIDS derivatives pipeline with lesion masks")] = (
+        "lesions"
+    ),
+    label_column: Annotated[str, typer.Option(help="participants.tsv label column")] = "diagnosis",
+    bids_filter: Annotated[
+        list[str] | None, typer.Option(help="ENTITY=VALUE (repeatable), as in prepare")
+    ] = None,
+    bids_filter_file: Annotated[
+        Path | None, typer.Option(help="JSON entity filters per image, as in prepare")
+    ] = None,
+    allow_overlap: Annotated[
+        bool,
+        typer.Option(
+            help="evaluate even if participants or input files are in the bundle's training "
+            "cohort (flagged on the page); refused by default"
+        ),
+    ] = False,
+    n_resamples: Annotated[int, typer.Option(min=1000, help="bootstrap resamples")] = 9999,
+    confidence: Annotated[float, typer.Option(help="level of the intervals")] = 0.95,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
+    device: Annotated[Device, typer.Option(help="where the networks run")] = "auto",
+):
+    """Score a bundle on a labelled external cohort: metrics with bootstrap CIs, calibration,
+    ROC, the lesion-load baselines it carries, and an HTML page (DIR/report/index.html)."""
+    from .bundle import load_bundle
+    from .data.bids import parse_bids_filters
+    from .data.ingest import load_cohort
+    from .evaluate import evaluate_cohort
+
+    filters = parse_bids_filters(bids_filter, bids_filter_file)
+    cohort = load_cohort(dataset, lesions, label_column, False, filters=filters)
+    bundle = load_bundle(model_dir, device)
+    with Bar("evaluate") as bar:
+        ev = evaluate_cohort(
+            bundle, cohort, out_dir, allow_overlap, n_resamples, confidence, seed, bar
+        )
+    from rich.table import Table
+
+    from .report.external import metrics_display
+
+    shown = metrics_display(ev.metrics)
+    table = Table(title=f"{bundle.info.model} on {len(cohort)} external subjects (95 % CI)")
+    cols = ["model", "accuracy", "balanced accuracy", "auc"]
+    for col in cols:
+        table.add_column(col)
+    for _, r in shown.iterrows():
+        table.add_row(*(str(r[c]) for c in cols))
+    out.print(table)
+    for line in ev.record["differences"]:
+        out.print(line, markup=False, soft_wrap=True)
+    out.print(f"written: {out_dir}/report/index.html and the tables beside it")
 
 
 @app.command()
@@ -725,6 +795,7 @@ WORKFLOW_ORDER = [
     "export",
     "fit",
     "predict",
+    "evaluate",
     "demo",
 ]
 app.registered_commands.sort(key=lambda c: WORKFLOW_ORDER.index(c.callback.__name__))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import PLACEHOLDER_SHA, make_info, write_bundle
+from .bundle import PLACEHOLDER_SHA, cohort_record, make_info, write_bundle
 from .config import TrainConfig
 from .data.cache import PreparedCohort, load_prepared
 from .data.ingest import check_trainable
@@ -74,6 +74,7 @@ def fit_bundle(
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
     res = loop.train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
     name = "weights/full.safetensors"
+    record, baselines = cohort_record(cohort, seed)
     training = {
         "cohort_hash": cohort.cohort_hash,
         "n_subjects": len(cohort.ids),
@@ -83,17 +84,8 @@ def fit_bundle(
         "seed": seed,
         "kind": "one model fitted on the whole cohort (no held-out estimate)",
         "source": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
-        "participant_ids": sorted(set(cohort.participants)),  # people, not scans
-        "input_sha256": _input_hashes(cohort),
+        **record,
     }
     files = [{"file": name, "sha256": PLACEHOLDER_SHA}]  # the real digest is set when written
     info = make_info(model, size, cohort.params, training, files)
-    return write_bundle(out, info, {name: res.state_dict})
-
-
-def _input_hashes(cohort: PreparedCohort) -> list[str]:
-    """The sha256 of every input file of the cohort (for overlap checks on other cohorts)."""
-    cols = [
-        c for c in ("flair_sha256", "lesion_mask_sha256", "brain_mask_sha256") if c in cohort.index
-    ]
-    return sorted({str(v) for c in cols for v in cohort.index[c] if isinstance(v, str) and v})
+    return write_bundle(out, info, {name: res.state_dict}, baselines)

@@ -54,6 +54,8 @@ def occlusion_map(
     than the intact input (measured with a model that sums its input: 0.73 instead of 0.88 at a
     far corner), so every map carried an offset over the whole box.
     """
+    # computed where the networks are (a model without parameters: on the CPU)
+    dev = next(iter(models[0].parameters()), torch.zeros(0)).device
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
     shape = x.shape[2:]
     size = [min(mask_size, n) for n in shape]
@@ -79,11 +81,12 @@ def occlusion_map(
     # a cube holding only zeros is unchanged by occlusion: it scores exactly 0 without a forward
     # pass (most cubes of a lesion-mask input)
     active = [sl for sl in cubes if x[(0, 0, *sl)].any()]
+    x, keep, bump = x.to(dev), keep.to(dev), bump.to(dev)
     maps = []
     for model in models:
         model.eval()
         base = _log_odds(model(x))[0]
-        total = torch.zeros(shape)
+        total = torch.zeros(shape, device=dev)
         for first in range(0, len(active), n_batch):
             batch = active[first : first + n_batch]
             im = x.repeat(len(batch), 1, 1, 1, 1)
@@ -92,7 +95,7 @@ def occlusion_map(
             odds = _log_odds(model(im))
             for b, sl in enumerate(batch):
                 total[sl] += (base - odds[b]) * bump
-        maps.append((total / weight).numpy())
+        maps.append((total.cpu() / weight).numpy())
     return np.mean(maps, axis=0).astype(np.float32)
 
 

@@ -35,8 +35,7 @@ def augmented_batch(
                 dst.append(slice(max(-delta, 0), n - max(delta, 0)))
             out[i, :, dst[0], dst[1], dst[2]] = volumes[j, :, src[0], src[1], src[2]]
     if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
-        if mask.any():
-            sel = mask.nonzero().flatten().to(out.device)
-            out[sel] = out[sel].flip(2)
+        mask = torch.rand(b, generator=generator) < 0.5  # drawn on the CPU: same on any device
+        for i in mask.nonzero().flatten().tolist():  # host ints: no index copied to a GPU
+            out[i] = out[i].flip(1)
     return out

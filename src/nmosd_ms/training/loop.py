@@ -264,21 +264,24 @@ def train_torch_fold(
         te = _clock(dev)
         model.train()
         order = np_rng.permutation(fit_idx)
-        batches = [
-            order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)
+        bounds = [
+            [i, min(i + config.batch_size, len(order))]
+            for i in range(0, len(order), config.batch_size)
         ]
-        if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on one sample
-            batches[-2] = np.concatenate([batches[-2], batches[-1]])
-            batches.pop()
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:  # BatchNorm cannot train
+            bounds[-2][1] = bounds.pop()[1]  # on one sample: it joins the batch before
+        # the epoch's labels in order, copied to the device once (not once per step)
+        y_order = y_all[torch.from_numpy(order)].to(dev)
         lr = opt.param_groups[0]["lr"]
         # summed on the device and read once per epoch: no host-device sync per step (the
         # float64 sums equal the per-step Python floats they replace)
         total_loss = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         seen = 0
-        for bidx in batches:
+        for start, stop in bounds:
+            bidx = order[start:stop]
             xb = augmented_batch(volumes, bidx, config.shift, config.flip, gen).to(dev)
-            yb = y_all[bidx].to(dev)
+            yb = y_order[start:stop]
             with _autocast(dev, config.precision):
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, weight=weight)
