@@ -33,6 +33,22 @@ def test_counts_volumes_extents_on_constructed_mask():
     assert empty["n_lesions"] == 0 and empty["total_ml"] == 0
 
 
+def test_lesion_count_does_not_depend_on_the_voxel_size():
+    """The same lesions at 2 mm and at 1 mm (each voxel split in 8): a minimum in mm³ counts
+    them alike; the old minimum in voxels counted the small ones only on the finer grid."""
+    m = np.zeros((30, 30, 30), bool)
+    m[5:8, 5:8, 5:8] = True  # 27 voxels = 216 mm³ at 2 mm
+    m[20, 20, 20:22] = True  # 2 voxels = 16 mm³: below 24 mm³
+    m[10, 25, 5:8] = True  # 3 voxels = 24 mm³: counted
+    fine = m.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    coarse = lesion_features(m, np.full(3, 2.0), (0, 0, 0), m.shape)
+    finer = lesion_features(fine, np.ones(3), (0, 0, 0), fine.shape)
+    assert coarse["n_lesions"] == finer["n_lesions"] == 2
+    assert coarse["total_ml"] == pytest.approx(finer["total_ml"])
+    old = lesion_features(fine, np.ones(3), (0, 0, 0), fine.shape, min_voxels=3)
+    assert old["n_lesions"] == 3  # 16 voxels of the small one pass a 3-voxel rule
+
+
 def test_central_fraction():
     m = np.zeros((41, 41, 41), bool)
     m[19:22, 19:22, 19:22] = True  # at the centre

@@ -54,10 +54,22 @@ class PrepareConfig(_Options):
             "lesions, typical of NMOSD), which would bias the classifier's input by class"
         ),
     )
-    min_lesion_voxels: int = Field(
-        3,
+    min_lesion_mm3: float = Field(
+        24.0,
+        ge=0,
+        description=(
+            "smallest connected component counted as a lesion in the lesion-load features, in "
+            "mm³ (24: three 2 mm voxels; a count of voxels would make lesion counts depend on "
+            "the voxel size)"
+        ),
+    )
+    min_lesion_voxels: int | None = Field(
+        None,
         ge=1,
-        description="smallest connected component counted as a lesion in the lesion-load features",
+        description=(
+            "the old rule, in voxels (caches and bundles made before min_lesion_mm3 used 3); "
+            "when set it replaces min_lesion_mm3"
+        ),
     )
 
 

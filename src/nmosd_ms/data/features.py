@@ -3,7 +3,8 @@
 Computed on the native-resolution mask (canonical RAS orientation, voxel sizes from the affine),
 so they do not depend on the 100³ resize. Definitions (all documented in README):
 
-- ``n_lesions``: connected components (26-connectivity) with at least ``min_voxels`` voxels.
+- ``n_lesions``: connected components (26-connectivity) of at least ``min_mm3`` mm³ (24 mm³:
+  three 2 mm voxels, 24 voxels at 1 mm, 133 at 0.47 × 0.47 × 0.8 mm).
 - ``total_ml``, ``mean_lesion_ml``, ``max_lesion_ml``: volumes of those components.
 - ``central_fraction``: share of lesion volume whose normalised distance from the centre of the
   brain box is below 0.5 (distance per axis divided by the box half-extent; 1 = box surface).
@@ -34,9 +35,11 @@ def lesion_features(
     zooms: np.ndarray,
     brain_lo: tuple[int, ...],
     brain_hi: tuple[int, ...],
-    min_voxels: int = 3,
+    min_voxels: int | None = None,
+    min_mm3: float = 24.0,
 ) -> dict[str, float]:
-    """Features of a binary ``mask`` in canonical RAS orientation with voxel sizes ``zooms`` (mm)."""
+    """Features of a binary ``mask`` in canonical RAS orientation with voxel sizes ``zooms`` (mm).
+    A lesion is a component of at least ``min_mm3`` mm³ (or ``min_voxels`` voxels if given)."""
     out = dict.fromkeys(FEATURES, 0.0)
     mask = mask > 0
     from ..spatial import bounding_box
@@ -49,8 +52,12 @@ def lesion_features(
     sub = mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
     labels, n = ndimage.label(sub, structure=np.ones((3, 3, 3), dtype=bool))
     sizes = np.bincount(labels.ravel())[1:]
-    keep = np.flatnonzero(sizes >= min_voxels) + 1
     voxel_ml = float(np.prod(zooms)) / 1000.0
+    if min_voxels is not None:
+        keep = np.flatnonzero(sizes >= min_voxels) + 1
+    else:  # in physical units, so counts compare across voxel sizes; 1e-4 relative: voxel
+        # sizes from float32 headers (2 mm read as 1.9999999) must not drop a 24 mm³ component
+        keep = np.flatnonzero(sizes * voxel_ml * 1000.0 >= min_mm3 * (1 - 1e-4)) + 1
     if keep.size == 0:
         return out
     kept = np.isin(labels, keep)
