@@ -301,3 +301,22 @@ def test_phantom_site_is_validated(tmp_path):
         res = run_cli("phantom", tmp_path / "p", "--n-nmosd", "1", "--n-ms", "1", "--site", bad)
         assert_user_error(res, "site", "--site")
     assert not (tmp_path / "p").exists()
+
+
+def test_flair_only_subjects_are_segmented_and_bad_input_writes_nothing(
+    bundle_dir, external, tmp_path
+):
+    subjects = load_cohort(external).subjects
+    picked = [next(s for s in subjects if s.diagnosis == dx) for dx in ("MS", "NMOSD")]
+    rows = ["participant_id\tdiagnosis\tflair\tlesion_mask"]
+    rows += [f"{s.participant_id}\t{s.diagnosis}\t{s.flair}\t" for s in picked]
+    manifest = tmp_path / "flair-only.tsv"
+    manifest.write_text("\n".join(rows) + "\n")
+    ev = evaluate_cohort(load_bundle(bundle_dir), load_cohort(manifest, require_lesion_masks=False),
+                         n_resamples=1000)  # fmt: skip
+    assert (ev.predictions["lesion_source"] == "segmented").all()
+    broken = tmp_path / "broken.tsv"
+    broken.write_text(rows[0] + f"\n{picked[0].participant_id}\tMS\t{tmp_path / 'none.nii.gz'}\t\n")
+    out = tmp_path / "ev"
+    assert_user_error(run_cli("evaluate", bundle_dir, broken, "--out", out))
+    assert not out.exists()
