@@ -228,6 +228,9 @@ def test_overlap_by_input_file_alone(bundle_dir, phantom_cohort, tmp_path):
     )
     res = run_cli("evaluate", bundle_dir, manifest, "--out", tmp_path / "ev")
     assert_user_error(res, "2 identical input file", "renamed01 FLAIR")
+    ev = evaluate_cohort(load_bundle(bundle_dir), load_cohort(manifest), allow_overlap=True,
+                         n_resamples=1000)  # fmt: skip
+    assert ev.predictions["in_training"].tolist() == [True]  # marked by its hash, not its ID
 
 
 def test_bundle_without_baselines_and_tampered_baselines(bundle_dir, external, tmp_path):

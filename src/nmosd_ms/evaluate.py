@@ -91,14 +91,16 @@ def check_overlap(bundle: Bundle, subjects: list[Subject]) -> dict:
     trained_ids = set(training.participant_ids)
     trained_files = set(training.input_sha256)
     ids = sorted({s.participant_id for s in subjects} & trained_ids)
-    files = []
+    files, scans = [], {s.key for s in subjects if s.participant_id in trained_ids}
     for s in subjects:
         for what, digest in _input_hashes(s).items():
             if digest in trained_files:
                 files.append(f"{s.key} {what}")
+                scans.add(s.key)
     return {
         "participants": ids,
         "files": files,
+        "scans": sorted(scans),  # every scan of the cohort that either check flags
         "checked": {
             "participant_ids": bool(trained_ids),
             "input_sha256": bool(trained_files),
@@ -199,7 +201,7 @@ def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, 
     probs = {network: p_net}
     probs.update({n: m.predict_proba(features) for n, m in bundle.baselines.items()})
     thresholds = {n: BASELINE_THRESHOLD for n in probs} | {network: bundle.info.threshold}
-    in_training = set(overlap["participants"])
+    in_training = set(overlap["scans"])
     for i, (s, prep) in enumerate(zip(subjects, prepared, strict=True)):
         rows.append(
             {
@@ -209,7 +211,7 @@ def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, 
                 "lesion_source": prep.row["lesion_source"],
                 "n_lesions": prep.features["n_lesions"],
                 "total_ml": prep.features["total_ml"],
-                "in_training": s.participant_id in in_training,
+                "in_training": s.key in in_training,
                 **{f"prob_{n}": float(p[i]) for n, p in probs.items()},
                 **{
                     f"call_{n}": POSITIVE if p[i] >= thresholds[n] else "MS"
