@@ -209,7 +209,19 @@ def test_prepare_keeps_each_segmentation_for_review(phantom_cohort, tmp_path):
 
 @pytest.mark.parametrize(
     "verb",
-    ["phantom", "segment", "prepare", "models", "cv", "report", "export", "fit", "predict", "demo"],
+    [
+        "phantom",
+        "segment",
+        "prepare",
+        "models",
+        "cv",
+        "report",
+        "export",
+        "fit",
+        "predict",
+        "evaluate",
+        "demo",
+    ],  # fmt: skip
 )
 def test_every_verb_has_help(verb):
     result = run_cli(verb, "--help")
