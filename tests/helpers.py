@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 from typer.testing import CliRunner
 
@@ -123,3 +124,30 @@ FLAGS = [
     "--enable-logging=stderr",
     "--v=0",
 ]
+
+
+def render_in_chromium(page, tmp_path, window="1200,2000"):
+    """Load ``page`` in headless Chromium: the DOM it built (checked to load without errors or
+    console messages) and a screenshot of it (checked not blank). Returns (dom, screenshot)."""
+    import numpy as np
+    from PIL import Image
+
+    url = page.resolve().as_uri()
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+    assert "Failed to load resource" not in dom.stderr
+    shot = tmp_path / "page.png"
+    res = subprocess.run(
+        [CHROMIUM, *FLAGS, *profile, f"--window-size={window}", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and shot.stat().st_size > 20_000
+    assert np.asarray(Image.open(shot).convert("L")).std() > 10  # not a blank page
+    return dom.stdout, shot

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import CHROMIUM, FLAGS, assert_user_error, run_cli
+from helpers import CHROMIUM, assert_user_error, render_in_chromium, run_cli
 from sklearn.metrics import accuracy_score, brier_score_loss, recall_score, roc_auc_score
 
 from nmosd_ms.bundle import export_bundle, load_bundle
@@ -267,24 +266,10 @@ def test_fit_bundle_carries_baselines(prepared_small, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
 def test_page_renders_in_headless_chromium(evaluated, tmp_path):
-    url = (evaluated / "report" / "index.html").resolve().as_uri()
-    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run(
-        [CHROMIUM, *FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True, timeout=120
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
+    dom, _ = render_in_chromium(evaluated / "report" / "index.html", tmp_path, "1150,1800")
     for tid in ("metrics", "comparison", "calibration"):
-        assert f'id="{tid}"' in dom.stdout
-    assert dom.stdout.count("<img") == 4
-    assert not [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
-    shot = tmp_path / "page.png"
-    res = subprocess.run(
-        [CHROMIUM, *FLAGS, *profile, "--window-size=1150,1800", f"--screenshot={shot}", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0 and shot.stat().st_size > 20_000
+        assert f'id="{tid}"' in dom
+    assert dom.count("<img") == 4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda is accepted")

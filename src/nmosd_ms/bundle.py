@@ -220,19 +220,20 @@ def load_bundle(model_dir: str | Path, device: str = "cpu") -> Bundle:
     _check_memory(info, folder)
     models = []
     for f in info.files:
-        path = _verified(folder, f.file)
-        if sha256_file(path) != f.sha256:
-            raise NmosdError(f"bundle {folder}: {f.file} was altered (sha256 mismatch); refusing")
+        path = _verified(folder, f.file, f.sha256)
         net = spec.build(size=info.size)
         load_model_file(net, path)
         models.append(net.eval())
     return Bundle(folder, info, models, _load_baselines(folder, info)).to(device)
 
 
-def _verified(folder: Path, file: str) -> Path:
+def _verified(folder: Path, file: str, sha256: str) -> Path:
+    """A file the bundle lists: inside it, present, and with the sha256 recorded for it."""
     path = inside(folder, file, action="read")
     if not path.is_file():
         raise NmosdError(f"bundle {folder} is incomplete: {file} is missing")
+    if sha256_file(path) != sha256:
+        raise NmosdError(f"bundle {folder}: {file} was altered (sha256 mismatch); refusing")
     return path
 
 
@@ -242,9 +243,7 @@ def _load_baselines(folder: Path, info: BundleInfo) -> dict[str, LesionLoadModel
 
     out = {}
     for b in info.baselines:
-        path = _verified(folder, b.file)
-        if sha256_file(path) != b.sha256:
-            raise NmosdError(f"bundle {folder}: {b.file} was altered (sha256 mismatch); refusing")
+        path = _verified(folder, b.file, b.sha256)
         try:
             out[b.name] = LesionLoadModel(b.name, load_file(str(path)))
         except (SafetensorError, ValueError) as exc:
@@ -337,9 +336,9 @@ def cohort_record(cohort, seed: int = 0) -> tuple[dict, dict[str, dict[str, np.n
     from .data.summary import cohort_summary
     from .models.lesionload import fit_lesionload_arrays
 
-    cols = [
-        c for c in ("flair_sha256", "lesion_mask_sha256", "brain_mask_sha256") if c in cohort.index
-    ]
+    # FLAIRs and lesion masks: what evaluate's overlap check compares (a brain mask may be one
+    # template file shared by every subject of two cohorts)
+    cols = [c for c in ("flair_sha256", "lesion_mask_sha256") if c in cohort.index]
     hashes = sorted({str(v) for c in cols for v in cohort.index[c] if isinstance(v, str) and v})
     record = {
         "participant_ids": sorted(set(cohort.participants)),  # people, not scans

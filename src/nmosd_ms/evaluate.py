@@ -184,8 +184,7 @@ def evaluate_cohort(
 
 
 def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, progress):
-    from .data.cache import PreparedCohort
-    from .data.summary import cohort_summary, describe_difference
+    from .data.summary import describe_difference, summarise
 
     prepared = [prepare_for_bundle(bundle, s) for s in subjects]  # validates every input first
     network = bundle.info.model
@@ -230,7 +229,11 @@ def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, 
         [reliability(y, p).assign(model=n) for n, p in probs.items()], ignore_index=True
     )
     roc = pd.concat([roc_points(y, p).assign(model=n) for n, p in probs.items()], ignore_index=True)
-    external = cohort_summary(PreparedCohort.from_subjects(prepared, bundle.info.prepare))
+    external = summarise(  # from what was prepared: no stacked copy of the volumes
+        [s.diagnosis for s in subjects],
+        pd.DataFrame([p.features for p in prepared]),
+        [p.record for p in prepared],
+    )
     training = bundle.info.training.summary
     record = {
         "nmosd_ms_version": __version__,

@@ -219,10 +219,9 @@ def _preprocess(pid, session, diagnosis, affine, lesion, flair, brain, config, f
 
         png = wmh_montage_png(key, flair_c, lesion_c, voxel_ml)
     zooms = np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0))
-    if config.min_lesion_voxels is not None:  # the old rule (a voxel count), for old records
-        feats = lesion_features(lesion_c, zooms, lo, hi, min_voxels=config.min_lesion_voxels)
-    else:
-        feats = lesion_features(lesion_c, zooms, lo, hi, min_mm3=config.min_lesion_mm3)
+    feats = lesion_features(  # min_lesion_voxels (old records) replaces min_lesion_mm3 if set
+        lesion_c, zooms, lo, hi, config.min_lesion_voxels, config.min_lesion_mm3
+    )
     src_lo, src_hi = record.source_box()
     row = {
         "participant_id": pid,

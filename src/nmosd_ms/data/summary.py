@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 
 from ..constants import LABELS
+from ..spatial import SpatialRecord
 from .cache import PreparedCohort
 
 #: Load features summarised per class (quantiles 10, 25, 50, 75, 90 %).
@@ -18,27 +20,31 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def cohort_summary(cohort: PreparedCohort) -> dict:
+    """:func:`summarise` of a prepared cohort."""
+    return summarise(cohort.diagnoses, cohort.features(), [cohort.spatial(k) for k in cohort.ids])
+
+
+def summarise(diagnoses: list[str], features: pd.DataFrame, records: list[SpatialRecord]) -> dict:
     """Counts per class, per-class quantiles of :data:`SUMMARY_FEATURES`, the voxel sizes
     (median and range per axis, mm, sorted so that orientation does not matter) and the most
-    common source grids."""
-    feats = cohort.features()
-    dx = np.asarray(cohort.diagnoses)
+    common source grids, from each subject's diagnosis, lesion-load features (one row each, in
+    the same order) and spatial record."""
+    dx = np.asarray(diagnoses)
     load = {
         lab: {
-            f: [float(v) for v in np.quantile(feats[f].to_numpy(float)[dx == lab], QUANTILES)]
+            f: [float(v) for v in np.quantile(features[f].to_numpy(float)[dx == lab], QUANTILES)]
             for f in SUMMARY_FEATURES
         }
         for lab in LABELS
         if (dx == lab).any()
     }
     zooms, grids = [], Counter()
-    for key in cohort.ids:
-        rec = cohort.spatial(key)
+    for rec in records:
         zooms.append(sorted(np.sqrt((rec.affine[:3, :3] ** 2).sum(axis=0)).round(3)))
         grids["×".join(str(n) for n in sorted(rec.source_shape))] += 1
     z = np.asarray(zooms)
     return {
-        "counts": cohort.counts,
+        "counts": {lab: int((dx == lab).sum()) for lab in LABELS},
         "quantiles": list(QUANTILES),
         "load": load,
         "voxel_mm": {

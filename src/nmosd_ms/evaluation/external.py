@@ -20,7 +20,6 @@ from scipy import optimize, stats
 from sklearn.metrics import roc_curve
 
 from ..constants import POSITIVE
-from .metrics import binary_metrics
 
 #: The metrics with bootstrap intervals (NMOSD is the positive class).
 EXTERNAL_METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc", "brier")
@@ -218,13 +217,6 @@ def confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
     }
 
 
-def point_metrics(y, p, threshold: float) -> dict[str, float]:
-    """The point estimates alone (as :func:`~.metrics.binary_metrics`, plus the Brier score)."""
-    out = binary_metrics(y, p, threshold)
-    out["brier"] = float(np.mean((np.asarray(p, dtype=float) - np.asarray(y)) ** 2))
-    return out
-
-
 __all__ = [
     "BOOTSTRAP_METHOD",
     "COMPARED",
@@ -232,7 +224,6 @@ __all__ = [
     "bootstrap_metrics",
     "calibration",
     "confusion",
-    "point_metrics",
     "reliability",
     "roc_points",
 ]

@@ -32,27 +32,25 @@ def _with_ci(value, low, high) -> str:
     return f"{_fmt(value)} [{_fmt(low, 2)}, {_fmt(high, 2)}]"
 
 
+def _by_row(df: pd.DataFrame, key: str, label: str, value: str) -> pd.DataFrame:
+    """One row per ``key``, one column per metric: ``value`` [95 % CI]."""
+    rows = []
+    for name, g in df.groupby(key, sort=False):
+        row = {label: name, **({"kind": g["kind"].iloc[0]} if "kind" in g else {})}
+        for _, r in g.iterrows():
+            row[r["metric"].replace("_", " ")] = _with_ci(r[value], r["ci_low"], r["ci_high"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def metrics_display(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per model, one column per metric: value [95 % CI]."""
-    rows = []
-    for model, g in metrics.groupby("model", sort=False):
-        row = {"model": model, "kind": g["kind"].iloc[0]}
-        for _, r in g.iterrows():
-            row[r["metric"].replace("_", " ")] = _with_ci(r["value"], r["ci_low"], r["ci_high"])
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return _by_row(metrics, "model", "model", "value")
 
 
-def comparison_display(comparison: pd.DataFrame, network: str) -> pd.DataFrame:
-    rows = []
-    for baseline, g in comparison.groupby("baseline", sort=False):
-        row = {"network minus": baseline}
-        for _, r in g.iterrows():
-            row[r["metric"].replace("_", " ")] = _with_ci(
-                r["difference"], r["ci_low"], r["ci_high"]
-            )
-        rows.append(row)
-    return pd.DataFrame(rows)
+def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
+    """One row per baseline: the network's paired difference from it [95 % CI]."""
+    return _by_row(comparison, "baseline", "network minus", "difference")
 
 
 def _roc_figure(ev, folder: Path) -> Path | None:
@@ -246,7 +244,7 @@ centred on it. The baselines were fitted on the bundle's training cohort and nev
 (shortcut: a single threshold on lesion load; classical: every lesion-load feature).</p>
 {_table_html(metrics_display(ev.metrics), "metrics")}
 <h3>The network against each baseline (paired: the same resamples)</h3>
-{_table_html(comparison_display(ev.comparison, ev.network), "comparison")}
+{_table_html(comparison_display(ev.comparison), "comparison")}
 {fig("roc", "ROC curves on the external cohort: the network (solid) and the lesion-load baselines (dashed).")}
 {fig("confusion", "Confusion matrices at each model's threshold.")}
 <h2>Calibration</h2>
