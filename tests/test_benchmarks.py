@@ -82,3 +82,26 @@ def test_gpu_estimate_is_the_benchmark_flops_over_the_assumed_throughput(tmp_pat
     )
     assert res.returncode == 0, res.stderr
     assert "not measured" in (tmp_path / "gpu_estimate.md").read_text()
+
+
+def test_cohort_signal_uses_cv_splits_and_seeds(small_run, prepared_small):
+    """The diagnostic's lesion-load models score exactly what `cv` recorded for the same
+    cache, seed, folds and repeats (same splits, same fold seeds); the map forest scores every
+    fold, and the pooled maps are block means."""
+    import numpy as np
+
+    from benchmarks.cohort_signal import MAP_MODEL, cohort_signal, pooled_maps
+
+    scores = cohort_signal(prepared_small, cells=4, folds=3, repeats=2, seed=7)
+    folds = pd.read_csv(small_run / "results/folds.tsv", sep="\t")
+    for name in ("lesionload-logreg", "lesionload-stump"):
+        recorded = folds[folds["model"] == name].sort_values(["repeat", "fold"])["accuracy"]
+        assert scores[name] == pytest.approx(recorded.tolist(), abs=1e-12), name
+    assert len(scores[MAP_MODEL]) == 6 and all(0 <= s <= 1 for s in scores[MAP_MODEL])
+    v = np.random.default_rng(0).random((2, 24, 24, 24)).astype(np.float32)
+    pooled = pooled_maps(v, 4)
+    assert pooled.shape == (2, 64)
+    assert pooled[1, 0] == pytest.approx(v[1, :6, :6, :6].mean())
+    assert pooled[0, -1] == pytest.approx(v[0, 18:, 18:, 18:].mean())
+    with pytest.raises(ValueError):
+        pooled_maps(v, 0)

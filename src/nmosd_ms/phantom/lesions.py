@@ -15,8 +15,13 @@ Two independent knobs set how the classes differ (``phantom_priors.md`` has the 
   the ventricle (Dawson fingers), juxtacortical, infratentorial, callosal undersurface,
   inferior temporal. Typical NMOSD: thin bands hugging the lateral ventricles, periependymal
   3rd/4th ventricle and area postrema, diencephalon, long full-thickness callosal and long
-  corticospinal-tract lesions, large confluent hemispheric lesions. A lesion's volume is drawn
-  before its site, so the pattern knob never changes the load.
+  corticospinal-tract lesions (motor cortex to pons), large confluent hemispheric lesions, and
+  punctate subcortical dots. A lesion's volume is drawn before its site, so the pattern knob
+  never changes the load. The site weights are balanced so that the coarse location summaries
+  of ``data.features`` (central fraction, asymmetry, extents) differ little between the
+  classes: each class has peripheral (MS juxtacortical and temporal, NMOSD subcortical dots),
+  deep and low (MS infratentorial, NMOSD 4th ventricle) lesions, and the class signal lies in
+  *which* structure and *what shape*, at a finer scale than those summaries.
 
 Every lesion is a continuous shape in MNI millimetres. It is painted directly on the subject's
 output grid (after its random rigid motion), volume-preserving: the fraction of each voxel inside
@@ -54,8 +59,8 @@ DIFFICULTIES: dict[str, Difficulty] = {
         0.55,
         "the paper's task: every patient has lesions, loads overlap, patterns differ in part",
     ),
-    "spatial": Difficulty(1.0, 1.0, 0.8, "identical loads: the pattern is the only signal"),
-    "hard": Difficulty(0.9, 0.95, 0.12, "loads and patterns nearly alike"),
+    "spatial": Difficulty(1.0, 1.0, 0.9, "identical loads: the pattern is the only signal"),
+    "hard": Difficulty(0.95, 1.0, 0.06, "loads and patterns nearly alike"),
 }
 
 #: MS lesion count and volume, set to match the 20 real MS patients of shared/data (Lesjak 2017,
@@ -78,14 +83,15 @@ CAPACITY_MM3 = {
     "nmosd_lv_band": 3000.0,
     "nmosd_callosal": 5000.0,
     "nmosd_cst": 4000.0,
+    "nmosd_subcortical": 150.0,
 }
 
 MS_SITES = {
-    "ms_periventricular": 0.70,
-    "ms_juxtacortical": 0.12,
+    "ms_periventricular": 0.58,
+    "ms_juxtacortical": 0.14,
     "ms_callosal": 0.08,
-    "ms_infratentorial": 0.05,
-    "ms_temporal": 0.05,
+    "ms_infratentorial": 0.12,
+    "ms_temporal": 0.08,
 }
 NMOSD_SITES = {
     "nmosd_lv_band": 0.22,
@@ -94,7 +100,8 @@ NMOSD_SITES = {
     "nmosd_diencephalon": 0.12,
     "nmosd_callosal": 0.14,
     "nmosd_cst": 0.16,
-    "nmosd_confluent": 0.12,
+    "nmosd_confluent": 0.08,
+    "nmosd_subcortical": 0.16,
 }
 SHARED_SITES = {"white_matter": 0.9, "juxtacortical": 0.1}
 #: Small typical NMOSD sites hold one lesion each (several would merge into one component
@@ -164,6 +171,10 @@ def _ellipsoid_for_volume(volume, ratio, rng):
     return np.array([a, a / ratio, a / ratio * third])
 
 
+#: NMOSD tract lesions (callosal, corticospinal) are long and thin at every volume: a small
+#: one is a thinner tube of this length, not a short blob.
+MIN_TRACT_MM = 15.0
+
 #: Large lesions (confluent) lie against the ventricles: their centres are drawn with a
 #: shorter decay, so that their extent does not carry lesion mass far into the white matter.
 LARGE_MM3, LARGE_DECAY_MM = 500.0, 7.0
@@ -194,7 +205,11 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
     """A lesion of ``volume`` mm^3 at ``site`` with the site's shape (``side``: +1 right,
     -1 left, 0 random, for one-sided tracts)."""
     les = Lesion(site, volume)
-    if site in ("white_matter", "juxtacortical"):  # shared: near-round, any direction
+    if site == "nmosd_subcortical":  # punctate dots under the cortex (AQP4: 83 % subcortical)
+        c, _ = _point(anat, "juxtacortical", rng, volume)
+        semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, 1.2), rng)
+        les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
+    elif site in ("white_matter", "juxtacortical"):  # shared: near-round, any direction
         c, _ = _point(anat, site, rng, volume)
         semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, 1.4), rng)
         les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
@@ -219,7 +234,7 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
         c, v = _point(anat, "periependymal_lv", rng)
         g = anat.grad_lat[:, v[0], v[1], v[2]]
         along = np.cross(g, rng.normal(size=3))
-        semi = _ellipsoid_for_volume(volume, rng.uniform(3.0, 5.0), rng)
+        semi = _ellipsoid_for_volume(volume, rng.uniform(5.0, 9.0), rng)
         les.ellipsoids.append((c, semi, _frame(along, rng)))
         les.clip = "periependymal_lv"
     elif site in ("nmosd_3v", "nmosd_4v", "nmosd_diencephalon"):
@@ -240,9 +255,9 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
             tract = CST_PATH_RIGHT if right else mirror(CST_PATH_RIGHT)
             path, radius = sample_path(tract, 1.0), rng.uniform(2.0, 3.5)
         length = volume / (np.pi * radius**2)
-        if length < 4 * radius:  # too little volume for a tube: a short, thick segment
-            radius = (volume / (np.pi * 4)) ** (1 / 3)
-            length = 4 * radius
+        if length < MIN_TRACT_MM:  # little volume: a thinner tube, not a shorter one
+            radius = float(np.sqrt(volume / (np.pi * MIN_TRACT_MM)))
+            length = MIN_TRACT_MM
         n = int(np.clip(round(length), 2, len(path)))
         start = int(rng.integers(0, len(path) - n + 1))
         part = path[start : start + n]
