@@ -84,16 +84,33 @@ def test_gpu_estimate_is_the_benchmark_flops_over_the_assumed_throughput(tmp_pat
     assert "not measured" in (tmp_path / "gpu_estimate.md").read_text()
 
 
-def test_cohort_signal_uses_cv_splits_and_seeds(small_run, prepared_small):
-    """The diagnostic's lesion-load models score exactly what `cv` recorded for the same
+def test_cohort_signal_uses_cv_splits_and_seeds(prepared_small, tmp_path):
+    """The diagnostic's lesion-load models score exactly what `cv` records for the same
     cache, seed, folds and repeats (same splits, same fold seeds); the map forest scores every
     fold, and the pooled maps are block means."""
+    import importlib.util
+
     import numpy as np
+    from conftest import small_cv_config
 
-    from benchmarks.cohort_signal import MAP_MODEL, cohort_signal, pooled_maps
+    from nmosd_ms.training.cv import run_cv
 
+    # benchmarks/ is not a package on pytest's path (the CLI's `pytest` does not add the cwd)
+    spec = importlib.util.spec_from_file_location(
+        "cohort_signal", ROOT / "benchmarks/cohort_signal.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cohort_signal, pooled_maps, MAP_MODEL = (
+        module.cohort_signal,
+        module.pooled_maps,
+        module.MAP_MODEL,
+    )
+
+    run = tmp_path / "run"
+    run_cv(prepared_small, run, small_cv_config(models=("lesionload-logreg",)), device="cpu")
     scores = cohort_signal(prepared_small, cells=4, folds=3, repeats=2, seed=7)
-    folds = pd.read_csv(small_run / "results/folds.tsv", sep="\t")
+    folds = pd.read_csv(run / "results/folds.tsv", sep="\t")
     for name in ("lesionload-logreg", "lesionload-stump"):
         recorded = folds[folds["model"] == name].sort_values(["repeat", "fold"])["accuracy"]
         assert scores[name] == pytest.approx(recorded.tolist(), abs=1e-12), name
