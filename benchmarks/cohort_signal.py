@@ -25,6 +25,7 @@ from sklearn.ensemble import RandomForestClassifier
 
 from nmosd_ms.data.cache import load_prepared
 from nmosd_ms.data.features import FEATURES
+from nmosd_ms.evaluation.metrics import binary_metrics
 from nmosd_ms.evaluation.stats import corrected_ci
 from nmosd_ms.models.lesionload import build_lesionload
 from nmosd_ms.training.plan import fold_seed, plan_splits
@@ -64,8 +65,8 @@ def cohort_signal(
             else:
                 model, x = build_lesionload(name, seed=s), features
             model.fit(x[tr], y[tr])
-            call = model.predict_proba(x[te])[:, 1] >= 0.5  # cv's rule (a 0.5 leaf: NMOSD)
-            scores[name].append(float((call == y[te]).mean()))
+            prob = model.predict_proba(x[te])[:, 1]
+            scores[name].append(binary_metrics(y[te], prob)["accuracy"])  # cv's metrics
     return scores
 
 
