@@ -19,12 +19,14 @@ with the registry's baselines only.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 
 from nmosd_ms.data.cache import load_prepared
 from nmosd_ms.data.features import FEATURES
+from nmosd_ms.errors import NmosdError
 from nmosd_ms.evaluation.metrics import binary_metrics
 from nmosd_ms.evaluation.stats import corrected_ci
 from nmosd_ms.models.lesionload import build_lesionload
@@ -78,7 +80,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    scores = cohort_signal(a.cache, a.cells, a.folds, a.repeats, a.seed)
+    try:
+        scores = cohort_signal(a.cache, a.cells, a.folds, a.repeats, a.seed)
+    except (NmosdError, ValueError) as e:  # a bad cache or option: one line, as the CLI does
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     n_test = 1.0 / a.folds
     print(f"{a.repeats} x {a.folds} folds, map pooled to {a.cells}^3; mean fold accuracy [95 % CI]")
     for name, s in scores.items():

@@ -122,3 +122,15 @@ def test_cohort_signal_uses_cv_splits_and_seeds(prepared_small, tmp_path):
     assert pooled[0, -1] == pytest.approx(v[0, 18:, 18:, 18:].mean())
     with pytest.raises(ValueError):
         pooled_maps(v, 0)
+
+
+def test_cohort_signal_refuses_bad_input_in_one_line(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cohort_signal", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("error: ") and "not a prepared cache" in lines[0]
