@@ -134,3 +134,111 @@ def test_cohort_signal_refuses_bad_input_in_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1
     assert lines[0].startswith("error: ") and "not a prepared cache" in lines[0]
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    # benchmarks/ is not a package on pytest's path (the CLI's `pytest` does not add the cwd)
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepared_cohort_subset(prepared_small):
+    from nmosd_ms.data.cache import load_prepared
+    from nmosd_ms.errors import NmosdError
+
+    cohort = load_prepared(prepared_small)
+    assert cohort.subset(range(len(cohort.ids))) is cohort  # all rows in order: the cohort
+    sub = cohort.subset([5, 0, 9])
+    assert sub.ids == [cohort.ids[5], cohort.ids[0], cohort.ids[9]]
+    assert (sub.volumes[1] == cohort.volumes[0]).all() and sub.path is None
+    assert sub.features().index.tolist() == sub.ids
+    assert sub.diagnoses == [cohort.diagnoses[i] for i in (5, 0, 9)]
+    assert sub.cohort_hash not in (cohort.cohort_hash, cohort.subset([0, 5, 9]).cohort_hash)
+    for bad in ([], [0, 0], [-1], [len(cohort.ids)]):
+        with pytest.raises(NmosdError):
+            cohort.subset(bad)
+
+
+def test_sample_size_subsets_are_nested_and_stratified():
+    import numpy as np
+
+    nested_subsets = _load_benchmark("sample_size").nested_subsets
+    labels = np.array([1] * 41 + [0] * 47)
+    subsets = nested_subsets(labels, [22, 44, 88], seed=0)
+    assert subsets[88] == list(range(88))
+    assert set(subsets[22]) < set(subsets[44]) < set(subsets[88])
+    for n, pos in subsets.items():
+        assert len(pos) == len(set(pos)) == n and pos == sorted(pos)
+        assert abs(labels[pos].sum() - round(n * 41 / 88)) <= 1
+    assert nested_subsets(labels, [44], seed=1)[44] != subsets[44]
+    for sizes in ([], [44, 44], [3], [89]):
+        with pytest.raises(ValueError):
+            nested_subsets(labels, sizes, seed=0)
+
+
+def test_sample_size_curve_fits_evaluates_and_resumes(prepared_small, phantom_cohort, tmp_path):
+    """Each size: a bundle fitted on its nested subset (all subjects: the cache itself), an
+    evaluation on the test cohort, the table's rows equal to the evaluation's metrics; a second
+    call reads every size back without refitting; other options on the same folder are refused;
+    a test cohort sharing IDs with the cache is refused before any training."""
+    from nmosd_ms.bundle import read_info
+    from nmosd_ms.config import TrainConfig
+    from nmosd_ms.data.cache import load_prepared
+    from nmosd_ms.errors import NmosdError
+    from nmosd_ms.phantom import generate_cohort
+
+    module = _load_benchmark("sample_size")
+    test = tmp_path / "test"
+    generate_cohort(test, n_nmosd=3, n_ms=3, seed=21, difficulty="paper", workers=1, site="X")
+    train = TrainConfig(epochs=1, batch_size=4, shift=2, eval_every=1)
+    out = tmp_path / "curve"
+    table = module.sample_size_curve(
+        prepared_small, test, out, [8, 16], train=train, n_resamples=1000
+    )
+    cohort = load_prepared(prepared_small)
+    info = {n: read_info(out / f"n-{n}" / "bundle").training for n in (8, 16)}
+    assert info[16].cohort_hash == cohort.cohort_hash and info[16].n_subjects == 16
+    assert info[8].n_subjects == 8 and info[8].counts == {"NMOSD": 4, "MS": 4}
+    assert set(info[8].participant_ids) < set(info[16].participant_ids)
+    assert sorted(table["n_train"].unique()) == [8, 16]
+    for n in (8, 16):
+        metrics = pd.read_csv(out / f"n-{n}" / "evaluation" / "metrics.tsv", sep="\t")
+        rows = table[table["n_train"] == n].set_index("model")
+        assert set(rows.index) == set(metrics["model"])
+        acc = metrics[metrics["metric"] == "accuracy"].set_index("model")["value"]
+        assert rows["accuracy"].to_dict() == pytest.approx(acc.to_dict())
+        assert rows["network_minus_this"].isna().sum() == 1  # the network itself
+        net = rows.loc["twoview-18", "accuracy"]
+        for name in ("lesionload-stump", "lesionload-forest"):
+            diff = rows.loc[name, "network_minus_this"]
+            assert diff == pytest.approx(net - rows.loc[name, "accuracy"])
+    written = pd.read_csv(out / "sample_size.tsv", sep="\t")
+    assert len(written) == len(table) == 8
+
+    stamp = (out / "n-8" / "bundle" / "model.json").stat().st_mtime_ns
+    again = module.sample_size_curve(prepared_small, test, out, [8, 16], train=train)
+    assert (out / "n-8" / "bundle" / "model.json").stat().st_mtime_ns == stamp
+    assert again["accuracy"].tolist() == pytest.approx(table["accuracy"].tolist())
+    with pytest.raises(NmosdError, match="another model, subset, training options or seed"):
+        module.sample_size_curve(prepared_small, test, out, [8], train=train, seed=1)
+    with pytest.raises(NmosdError, match="shares 16 participant IDs"):
+        module.sample_size_curve(prepared_small, phantom_cohort, tmp_path / "x", [8])
+    assert not (tmp_path / "x").exists()
+
+
+def test_sample_size_refuses_bad_input_in_one_line(prepared_small, tmp_path):
+    for args in (["--sizes", "8,x"], ["--sizes", "400"]):
+        res = subprocess.run(
+            [sys.executable, "-m", "benchmarks.sample_size", str(prepared_small), str(tmp_path)]
+            + ["--out", str(tmp_path / "out"), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), args
+    assert not (tmp_path / "out").exists()

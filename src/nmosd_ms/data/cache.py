@@ -331,6 +331,34 @@ class PreparedCohort:
             {k: s.record.to_json() for k, s in zip(ids, subjects, strict=True)},
         )
 
+    def subset(self, positions) -> PreparedCohort:
+        """The rows at ``positions`` (in that order) as a cohort in memory (``path`` None).
+
+        Its hash is that of this cohort and the chosen scans, so a bundle fitted on it records
+        which part of which cohort it saw. All rows in their own order give this cohort back.
+        """
+        pos = [int(i) for i in positions]
+        if not pos:
+            raise NmosdError("a cohort needs at least one subject")
+        if len(set(pos)) != len(pos) or min(pos) < 0 or max(pos) >= len(self.index):
+            raise NmosdError(
+                f"subset positions must be distinct and between 0 and {len(self.index) - 1}"
+            )
+        if pos == list(range(len(self.index))):
+            return self
+        ids = [self.ids[i] for i in pos]
+        scans = "\n".join(ids)
+        digest = hashlib.sha256(f"{self.cohort_hash}\n{scans}".encode()).hexdigest()
+        return PreparedCohort(
+            None,
+            self.index.iloc[pos].reset_index(drop=True),
+            self.volumes[pos],
+            self.params,
+            digest,
+            self.feature_table.loc[ids] if len(self.feature_table) else self.feature_table,
+            {k: self.records[k] for k in ids if k in self.records},
+        )
+
     @property
     def ids(self) -> list[str]:
         """One unique name per row: the participant, or participant_session with sessions."""
