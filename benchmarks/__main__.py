@@ -11,7 +11,6 @@ estimate and predict (with and without saliency). Writes ``full.json`` and ``ful
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import ArgumentParser
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("NMOSD_MS_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
@@ -258,7 +259,7 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap = ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="step ratio and prepare only (<3 min)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

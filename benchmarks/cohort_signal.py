@@ -18,12 +18,12 @@ with the registry's baselines only.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 
+from benchmarks import ArgumentParser
 from nmosd_ms.data.cache import load_prepared
 from nmosd_ms.data.features import FEATURES
 from nmosd_ms.errors import NmosdError
@@ -73,7 +73,7 @@ def cohort_signal(
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cache")
     ap.add_argument("--cells", type=int, default=10)
     ap.add_argument("--folds", type=int, default=5)

@@ -13,10 +13,11 @@ figure is a lower bound.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+
+from benchmarks import ArgumentParser
 
 RESULTS = Path(__file__).parent / "results"
 #: The paper's protocol: 15 repeats x 5 folds, 100 epochs, 4/5 of 88 subjects per training part.
@@ -43,7 +44,7 @@ def estimate(full: dict, peak_tflops: float, utilisation: float, gpus: list[int]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peak-tflops", type=float, default=11.3, help="fp32 peak (1080 Ti: 11.3)")
     ap.add_argument("--utilisation", type=float, default=0.5, help="sustained share of peak")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4, 8])

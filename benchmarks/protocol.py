@@ -9,13 +9,14 @@ for a 2-core CPU and then calls this.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
 from pathlib import Path
 
 import pandas as pd
+
+from benchmarks import ArgumentParser
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,7 +70,7 @@ def to_markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.protocol")
+    ap = ArgumentParser(prog="python -m benchmarks.protocol")
     ap.add_argument("run_dir", type=Path, help="a finished nmosd-ms cv run folder")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for the results")
     args = ap.parse_args(argv)

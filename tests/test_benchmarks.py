@@ -11,13 +11,24 @@ import pytest
 from conftest import ROOT
 
 
+def run_benchmark(name: str, *args) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.NAME ARGS`` from the repository root, its output captured."""
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", *(str(a) for a in args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks.NAME``, as ``python -m`` runs it from the repository root (the
+    `pytest` command does not put the root on sys.path, so this does)."""
+    import importlib
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
 def test_protocol_summary_reads_the_run_records(small_run, tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.protocol", str(small_run), "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    res = run_benchmark("protocol", str(small_run), "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "protocol.json").read_text())
     folds = pd.read_csv(small_run / "results" / "folds.tsv", sep="\t")
@@ -36,37 +47,20 @@ def test_protocol_summary_refuses_an_unfinished_run(small_run, tmp_path):
     meta = json.loads((small_run / "run.json").read_text())
     meta["finished"] = None  # as cv leaves it while running
     (run / "run.json").write_text(json.dumps(meta))
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.protocol", str(run), "--out", str(tmp_path / "o")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    res = run_benchmark("protocol", str(run), "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "has not finished" in res.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_protocol_summary_refuses_a_folder_that_is_not_a_run(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.protocol", str(tmp_path / "nope")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    res = run_benchmark("protocol", str(tmp_path / "nope"))
     assert res.returncode != 0 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope'} is not a cv run folder (no run.json)"
     ]
 
 
 def test_gpu_estimate_is_the_benchmark_flops_over_the_assumed_throughput(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "gpu_estimate", ROOT / "benchmarks/gpu_estimate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    estimate = module.estimate
+    estimate = load_benchmark("gpu_estimate").estimate
     full = json.loads((ROOT / "benchmarks" / "results" / "full.json").read_text())
     rows = {r["model"]: r for r in estimate(full, 10.0, 0.5, [1, 4])}
     step = full["step_gflops"]["resnet3d-18"] * full["step_seconds"]["resnet3d-18"]  # GFLOP
@@ -74,12 +68,7 @@ def test_gpu_estimate_is_the_benchmark_flops_over_the_assumed_throughput(tmp_pat
     assert rows["resnet3d-18"]["pflop"] == pytest.approx(pflop)
     assert rows["resnet3d-18"]["1 GPU"] == pytest.approx(pflop * 1e3 / 5.0 / 3600)
     assert rows["resnet3d-18"]["4 GPU"] == pytest.approx(rows["resnet3d-18"]["1 GPU"] / 4)
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_estimate", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    res = run_benchmark("gpu_estimate", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "not measured" in (tmp_path / "gpu_estimate.md").read_text()
 
@@ -88,19 +77,12 @@ def test_cohort_signal_uses_cv_splits_and_seeds(prepared_small, tmp_path):
     """The diagnostic's lesion-load models score exactly what `cv` records for the same
     cache, seed, folds and repeats (same splits, same fold seeds); the map forest scores every
     fold, and the pooled maps are block means."""
-    import importlib.util
-
     import numpy as np
     from conftest import small_cv_config
 
     from nmosd_ms.training.cv import run_cv
 
-    # benchmarks/ is not a package on pytest's path (the CLI's `pytest` does not add the cwd)
-    spec = importlib.util.spec_from_file_location(
-        "cohort_signal", ROOT / "benchmarks/cohort_signal.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("cohort_signal")
     cohort_signal, pooled_maps, MAP_MODEL = (
         module.cohort_signal,
         module.pooled_maps,
@@ -125,25 +107,14 @@ def test_cohort_signal_uses_cv_splits_and_seeds(prepared_small, tmp_path):
 
 
 def test_cohort_signal_refuses_bad_input_in_one_line(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cohort_signal", str(tmp_path / "nope")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    res = run_benchmark("cohort_signal", str(tmp_path / "nope"))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1
     assert lines[0].startswith("error: ") and "not a prepared cache" in lines[0]
-
-
-def _load_benchmark(name: str):
-    import importlib.util
-
-    # benchmarks/ is not a package on pytest's path (the CLI's `pytest` does not add the cwd)
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    res = run_benchmark("cohort_signal", tmp_path, "--cells", "x")  # argparse's own refusal
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        "error: argument --cells: invalid int value: 'x' (see --help)"
+    ]
 
 
 def test_prepared_cohort_subset(prepared_small):
@@ -166,7 +137,7 @@ def test_prepared_cohort_subset(prepared_small):
 def test_sample_size_subsets_are_nested_and_stratified():
     import numpy as np
 
-    nested_subsets = _load_benchmark("sample_size").nested_subsets
+    nested_subsets = load_benchmark("sample_size").nested_subsets
     labels = np.array([1] * 41 + [0] * 47)
     subsets = nested_subsets(labels, [22, 44, 88], seed=0)
     assert subsets[88] == list(range(88))
@@ -191,7 +162,7 @@ def test_sample_size_curve_fits_evaluates_and_resumes(prepared_small, phantom_co
     from nmosd_ms.errors import NmosdError
     from nmosd_ms.phantom import generate_cohort
 
-    module = _load_benchmark("sample_size")
+    module = load_benchmark("sample_size")
     test = tmp_path / "test"
     generate_cohort(test, n_nmosd=3, n_ms=3, seed=21, difficulty="paper", workers=1, site="X")
     train = TrainConfig(epochs=1, batch_size=4, shift=2, eval_every=1)
@@ -231,13 +202,16 @@ def test_sample_size_curve_fits_evaluates_and_resumes(prepared_small, phantom_co
 
 
 def test_sample_size_refuses_bad_input_in_one_line(prepared_small, tmp_path):
-    for args in (["--sizes", "8,x"], ["--sizes", "400"]):
-        res = subprocess.run(
-            [sys.executable, "-m", "benchmarks.sample_size", str(prepared_small), str(tmp_path)]
-            + ["--out", str(tmp_path / "out"), *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+    for args in (
+        ["--sizes", "8,x"],
+        ["--sizes", "400"],
+        ["--epochs", "0"],
+        ["--model", "nope-18"],
+        ["--model", "lesionload-forest"],
+        ["--precision", "fp8"],
+    ):
+        res = run_benchmark(
+            "sample_size", prepared_small, tmp_path, "--out", tmp_path / "out", *args
         )
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), args
