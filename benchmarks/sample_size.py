@@ -23,22 +23,23 @@ fitted on the same subset with the same options and seed: an interrupted run res
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import get_args
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
-from nmosd_ms.bundle import load_bundle, read_info
+from benchmarks import ArgumentParser
+from nmosd_ms.bundle import load_bundle, read_info, training_inputs
 from nmosd_ms.config import Precision, TrainConfig
 from nmosd_ms.data.cache import PreparedCohort, load_prepared
 from nmosd_ms.data.ingest import Cohort, load_cohort
 from nmosd_ms.errors import NmosdError
-from nmosd_ms.evaluate import evaluate_cohort
-from nmosd_ms.fit import fit_bundle
-from nmosd_ms.io import inside, read_tsv, write_tsv
+from nmosd_ms.evaluate import evaluate_cohort, find_overlap, read_tables
+from nmosd_ms.fit import fit_bundle, fittable_spec
+from nmosd_ms.io import inside, write_tsv
 from nmosd_ms.locking import LOCK_NAME, exclusive
 
 METRICS = ("accuracy", "balanced_accuracy", "auc")
@@ -98,11 +99,9 @@ def run_size(
         _check_bundle(bundle_dir, subset, model, train, seed)
     else:
         fit_bundle(subset, model, bundle_dir, train, seed=seed, device="cpu")
-    if (eval_dir / "evaluation.json").is_file():
-        metrics, comparison = (
-            read_tsv(eval_dir / "metrics.tsv"),
-            read_tsv(eval_dir / "comparison.tsv"),
-        )
+    tables = read_tables(eval_dir)
+    if tables is not None:
+        metrics, comparison = tables["metrics"], tables["comparison"]
     else:
         ev = evaluate_cohort(load_bundle(bundle_dir), test, eval_dir, n_resamples=n_resamples)
         metrics, comparison = ev.metrics, ev.comparison
@@ -138,17 +137,21 @@ def sample_size_curve(
 ) -> pd.DataFrame:
     """Every size's rows (see the module docstring), also written to ``out_dir/sample_size.tsv``."""
     train = train or TrainConfig()
+    fittable_spec(model)  # before the folder is made: refused input leaves nothing behind
     out = Path(out_dir)
     cohort = load_prepared(train_cache)
     subsets = nested_subsets(cohort.labels, sizes, seed)
-    # read and checked before hours of training: evaluate refuses shared IDs or files, but only
-    # after the first fit
+    # read and checked before hours of training, with evaluate's own check (participant IDs and
+    # input files), which evaluate would otherwise apply only after the first fit
     test = load_cohort(test_dir)
-    shared = sorted(set(cohort.participants) & {s.participant_id for s in test.subjects})
-    if shared:
+    inputs = training_inputs(cohort)
+    shared = find_overlap(inputs["participant_ids"], inputs["input_sha256"], list(test.subjects))
+    ids, files = shared["participants"], shared["files"]
+    if ids or files:
+        example = (ids or files)[0]
         raise NmosdError(
-            f"the test cohort shares {len(shared)} participant IDs with the training cache "
-            f"(e.g. {shared[0]}); make it with `nmosd-ms phantom --site T`"
+            f"the test cohort shares {len(ids)} participant IDs and {len(files)} input files "
+            f"with the training cache (e.g. {example}); make it with `nmosd-ms phantom --site T`"
         )
     out.mkdir(parents=True, exist_ok=True)
     lock = exclusive(inside(out, LOCK_NAME), f"the sample-size folder {out}")
@@ -167,7 +170,7 @@ def sample_size_curve(
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("train_cache")
     ap.add_argument("test_cohort")
     ap.add_argument("--out", required=True)
@@ -188,6 +191,11 @@ def main(argv=None) -> None:
         table = sample_size_curve(
             a.train_cache, a.test_cohort, a.out, sizes, a.model, train, a.seed
         )
+    except ValidationError as e:  # an option out of range: its first error, as the CLI does
+        first = e.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first.get("loc") else "option"
+        print(f"error: invalid {option}: {first['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (NmosdError, ValueError) as e:  # bad input: one line, as the CLI does
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -42,15 +42,25 @@ from .evaluation.external import (
     reliability,
     roc_points,
 )
-from .io import inside, sha256_file, write_json, write_tsv
+from .io import inside, read_tsv, sha256_file, write_json, write_tsv
 from .locking import writing_folder
 from .models.lesionload import SHORTCUT_MODELS
 from .predict import prepare_for_bundle
 
-__all__ = ["Evaluation", "check_overlap", "evaluate_cohort", "RECORD"]
+__all__ = [
+    "Evaluation",
+    "check_overlap",
+    "evaluate_cohort",
+    "find_overlap",
+    "read_tables",
+    "RECORD",
+    "TABLES",
+]
 
 #: The file whose presence marks a complete evaluation folder.
 RECORD = "evaluation.json"
+#: The folder's tables, ``<name>.tsv`` each (the attributes of :class:`Evaluation` they hold)
+TABLES = ("predictions", "metrics", "comparison", "calibration", "roc")
 #: The threshold the lesion-load baselines call NMOSD at (their predict_proba >= 0.5).
 BASELINE_THRESHOLD = 0.5
 
@@ -88,8 +98,14 @@ def check_overlap(bundle: Bundle, subjects: list[Subject]) -> dict:
     """Which of ``subjects`` the bundle's training cohort holds: participant IDs it recorded, and
     input files (FLAIR, lesion mask) whose sha256 it recorded."""
     training = bundle.info.training
-    trained_ids = set(training.participant_ids)
-    trained_files = set(training.input_sha256)
+    return find_overlap(training.participant_ids, training.input_sha256, subjects)
+
+
+def find_overlap(participant_ids, input_sha256, subjects: list[Subject]) -> dict:
+    """Which of ``subjects`` a training cohort holds, given its participant IDs and the sha256 of
+    its input files (as :func:`~nmosd_ms.bundle.training_inputs` gives them for a cohort)."""
+    trained_ids = set(participant_ids)
+    trained_files = set(input_sha256)
     ids = sorted({s.participant_id for s in subjects} & trained_ids)
     files, scans = [], {s.key for s in subjects if s.participant_id in trained_ids}
     for s in subjects:
@@ -300,16 +316,19 @@ def _clean(obj):
     return obj
 
 
+def read_tables(out_dir: str | Path) -> dict[str, pd.DataFrame] | None:
+    """The tables of the finished evaluation in ``out_dir``, by name (:data:`TABLES`), or
+    ``None`` when the folder holds none (``evaluation.json`` is written last)."""
+    folder = Path(out_dir)
+    if not (folder / RECORD).is_file():
+        return None
+    return {name: read_tsv(inside(folder, f"{name}.tsv", action="read")) for name in TABLES}
+
+
 def _write(ev: Evaluation, out: Path) -> None:
     from .report.external import write_page
 
-    tables = {
-        "predictions": ev.predictions,
-        "metrics": ev.metrics,
-        "comparison": ev.comparison,
-        "calibration": ev.calibration,
-        "roc": ev.roc,
-    }
+    tables = {name: getattr(ev, name) for name in TABLES}
     for name, table in tables.items():
         write_tsv(inside(out, f"{name}.tsv"), table)
     files = [f"{name}.tsv" for name in tables] + [RECORD]

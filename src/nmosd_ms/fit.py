@@ -24,6 +24,15 @@ def run_training_config(run_dir: str | Path, model: str) -> tuple[TrainConfig, i
     return RunFolder(run_dir).training_config(model)
 
 
+def fittable_spec(model: str):
+    """The registry entry of ``model`` if :func:`fit_bundle` can fit it (a network), else a user
+    error: for callers that check their input before any work."""
+    spec = get_spec(model)
+    if not spec.is_torch:
+        raise NmosdError(f"{model}: only neural-network models can be fitted into a bundle")
+    return spec
+
+
 def fit_bundle(
     cache_dir: str | Path | PreparedCohort,
     model: str,
@@ -53,9 +62,7 @@ def fit_bundle(
     size : int, optional
         The network's input size (default: the cache's), as ``cv``'s model sizes.
     """
-    spec = get_spec(model)
-    if not spec.is_torch:
-        raise NmosdError(f"{model}: only neural-network models can be fitted into a bundle")
+    spec = fittable_spec(model)
     out = Path(out_dir)
     if out.exists():
         raise NmosdError(f"the bundle folder {out} exists; bundles are never overwritten")
