@@ -205,13 +205,12 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
     """A lesion of ``volume`` mm^3 at ``site`` with the site's shape (``side``: +1 right,
     -1 left, 0 random, for one-sided tracts)."""
     les = Lesion(site, volume)
-    if site == "nmosd_subcortical":  # punctate dots under the cortex (AQP4: 83 % subcortical)
-        c, _ = _point(anat, "juxtacortical", rng, volume)
-        semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, 1.2), rng)
-        les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
-    elif site in ("white_matter", "juxtacortical"):  # shared: near-round, any direction
-        c, _ = _point(anat, site, rng, volume)
-        semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, 1.4), rng)
+    if site in ("white_matter", "juxtacortical", "nmosd_subcortical"):
+        # shared sites: near-round, any direction; NMOSD's punctate dots lie where the shared
+        # juxtacortical lesions do, rounder (AQP4-NMOSD: 83 % have subcortical dots)
+        where, elongation = ("juxtacortical", 1.2) if site == "nmosd_subcortical" else (site, 1.4)
+        c, _ = _point(anat, where, rng, volume)
+        semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, elongation), rng)
         les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
     elif site.startswith("ms_"):
         region = {
