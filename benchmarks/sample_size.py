@@ -32,7 +32,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from benchmarks import ArgumentParser
-from nmosd_ms.bundle import load_bundle, read_info, training_inputs
+from nmosd_ms.bundle import load_bundle, read_info
 from nmosd_ms.config import Precision, TrainConfig
 from nmosd_ms.data.cache import PreparedCohort, load_prepared
 from nmosd_ms.data.ingest import Cohort, load_cohort
@@ -144,7 +144,7 @@ def sample_size_curve(
     # read and checked before hours of training, with evaluate's own check (participant IDs and
     # input files), which evaluate would otherwise apply only after the first fit
     test = load_cohort(test_dir)
-    inputs = training_inputs(cohort)
+    inputs = cohort.inputs
     shared = find_overlap(inputs["participant_ids"], inputs["input_sha256"], list(test.subjects))
     ids, files = shared["participants"], shared["files"]
     if ids or files:

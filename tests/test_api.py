@@ -33,6 +33,7 @@ FORMATS = {
     "bundle.py": ("model.json", "MODEL_CARD.md"),
     "derivatives.py": (".bidsignore",),
     "evaluate.py": ("evaluation.json",),
+    "training/pretrain.py": ("pretrain.json",),
 }
 
 

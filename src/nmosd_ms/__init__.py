@@ -34,6 +34,7 @@ _EXPORTS = {
     "PrepareConfig": "config",
     "TrainConfig": "config",
     "CVConfig": "config",
+    "PretrainConfig": "config",
     "SegmentConfig": "config",
     "NmosdError": "errors",
     # synthetic cohort
@@ -60,6 +61,8 @@ _EXPORTS = {
     "build_model": "models",
     "list_models": "models",
     "model_table": "models",
+    # self-supervised prior from unlabelled maps
+    "pretrain_weights": "training.pretrain",
     # cross-validation
     "run_cv": "training.cv",
     "plan_splits": "training.plan",

@@ -327,16 +327,6 @@ def write_bundle(
 PLACEHOLDER_SHA = "0" * 64
 
 
-def training_inputs(cohort) -> dict[str, list[str]]:
-    """Who and what a prepared cohort was made from, as a bundle records it for leakage checks:
-    ``participant_ids`` (people, not scans) and ``input_sha256``."""
-    # FLAIRs and lesion masks: what evaluate's overlap check compares (a brain mask may be one
-    # template file shared by every subject of two cohorts)
-    cols = [c for c in ("flair_sha256", "lesion_mask_sha256") if c in cohort.index]
-    hashes = sorted({str(v) for c in cols for v in cohort.index[c] if isinstance(v, str) and v})
-    return {"participant_ids": sorted(set(cohort.participants)), "input_sha256": hashes}
-
-
 def cohort_record(cohort, seed: int = 0) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     """What a bundle keeps of its training cohort (a
     :class:`~nmosd_ms.data.cache.PreparedCohort`) besides the weights: the record fields for
@@ -346,7 +336,7 @@ def cohort_record(cohort, seed: int = 0) -> tuple[dict, dict[str, dict[str, np.n
     from .data.summary import cohort_summary
     from .models.lesionload import fit_lesionload_arrays
 
-    record = {**training_inputs(cohort), "summary": cohort_summary(cohort)}
+    record = {**cohort.inputs, "summary": cohort_summary(cohort)}
     features = cohort.features()[list(FEATURES)].to_numpy(dtype=np.float64)
     return record, fit_lesionload_arrays(features, cohort.labels, seed)
 

@@ -25,6 +25,7 @@ from .config import (
     DifficultyName,
     ExecutorName,
     PrepareConfig,
+    PretrainConfig,
     SegmentConfig,
     TrainConfig,
 )
@@ -623,6 +624,30 @@ def fit(
 
 @app.command()
 @user_errors
+@config_options(PretrainConfig)
+def pretrain(
+    cache_dir: Annotated[Path, typer.Argument(help="prepared cache of OTHER subjects' maps")],
+    out_dir: Annotated[Path, typer.Option("--out", help="new folder for the weights")],
+    model: Annotated[str, typer.Option(help="the network the weights are for")] = "twoview-18",
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[Device, typer.Option(help="where the model trains")] = "auto",
+    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default)")] = 0,
+    config_values: dict | None = None,
+    config_given: set | None = None,
+):
+    """Self-supervised prior from unlabelled lesion maps (diagnoses unused): the network learns
+    which cells of a grid hold lesion. Start cv or fit from it with --weights
+    OUT/weights.safetensors; cv refuses it for a cohort whose maps it saw."""
+    from .training.pretrain import WEIGHTS_NAME, pretrain_weights
+
+    config = PretrainConfig(**config_values)
+    _precision_note(config.precision, device)
+    path = pretrain_weights(cache_dir, model, out_dir, config, seed, device, threads)
+    out.print(f"weights: {path / WEIGHTS_NAME} (use: --weights {path / WEIGHTS_NAME})")
+
+
+@app.command()
+@user_errors
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="a bundle (nmosd-ms export or fit)")],
     lesion_mask: Annotated[Path | None, typer.Option(help="lesion mask NIfTI")] = None,
@@ -790,6 +815,7 @@ WORKFLOW_ORDER = [
     "segment",
     "prepare",
     "models",
+    "pretrain",
     "cv",
     "report",
     "export",

@@ -124,6 +124,30 @@ class TrainConfig(_Options):
         )
 
 
+class PretrainConfig(_Options):
+    """Self-supervised pretraining on unlabelled lesion maps (``nmosd-ms pretrain``): the network
+    learns to say which cells of a grid over the prepared volume hold lesion. Diagnoses are never
+    read. Not in the paper, which started from ImageNet weights; this is the prior a small cohort
+    can make for itself from lesion maps without labels when those weights are not at hand."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=2, description="at least 2 (BatchNorm trains on batches)")
+    lr: float = Field(
+        1e-3,
+        gt=0,
+        description=(
+            "Adam learning rate (the pretext has a thousand sparse outputs; the paper's SGD "
+            "schedule applies to the fine-tuning that follows)"
+        ),
+    )
+    grid: int = Field(
+        10, ge=2, le=32, description="the pretext's grid: G³ cells, each 'holds lesion or not'"
+    )
+    shift: int = Field(5, ge=0, description="max random shift in voxels per axis")
+    flip: bool = Field(True, description="random left-right flip")
+    precision: Precision = Field("fp32", description="autocast dtype")
+
+
 class CVConfig(_Options):
     """Repeated stratified k-fold cross-validation (paper: 5 folds x 15 repeats)."""
 

@@ -103,7 +103,7 @@ def check_overlap(bundle: Bundle, subjects: list[Subject]) -> dict:
 
 def find_overlap(participant_ids, input_sha256, subjects: list[Subject]) -> dict:
     """Which of ``subjects`` a training cohort holds, given its participant IDs and the sha256 of
-    its input files (as :func:`~nmosd_ms.bundle.training_inputs` gives them for a cohort)."""
+    its input files (as :attr:`~nmosd_ms.data.cache.PreparedCohort.inputs` gives them)."""
     trained_ids = set(participant_ids)
     trained_files = set(input_sha256)
     ids = sorted({s.participant_id for s in subjects} & trained_ids)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import TrainConfig
+from .config import PretrainConfig, TrainConfig
 from .errors import NmosdError
 from .io import read_json
 
@@ -70,6 +70,24 @@ class RunRecord(_Record):
     environment: Environment = Field(default_factory=Environment)
     started: str | None = None
     finished: str | None = None
+
+
+class PretrainRecord(_Record):
+    """``pretrain.json`` beside the weights that ``nmosd-ms pretrain`` wrote."""
+
+    tool: str = "nmosd-ms pretrain"
+    version: str = ""
+    model: str
+    size: int = Field(ge=MIN_SIZE, le=MAX_SIZE)
+    options: PretrainConfig
+    seed: int
+    prepare: dict[str, Any]
+    cohort_hash: str
+    n_subjects: int = Field(ge=1)
+    participant_ids: list[str]
+    input_sha256: list[str]
+    weights_sha256: str
+    curve: list[dict[str, float]] = Field(default_factory=list)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -409,6 +409,15 @@ class PreparedCohort:
             table[dx]["segmented" if pid in segmented else "given"] += 1
         return table
 
+    @property
+    def inputs(self) -> dict[str, list[str]]:
+        """Who and what the cohort was made from, for leakage checks: ``participant_ids``
+        (people, not scans) and ``input_sha256`` of the FLAIRs and lesion masks (a brain mask
+        may be one template file that every subject of two cohorts shares)."""
+        cols = [c for c in ("flair_sha256", "lesion_mask_sha256") if c in self.index]
+        hashes = {str(v) for c in cols for v in self.index[c] if isinstance(v, str) and v}
+        return {"participant_ids": sorted(set(self.participants)), "input_sha256": sorted(hashes)}
+
     def features(self) -> pd.DataFrame:
         """Lesion-load features, one row per subject in cohort order."""
         return self.feature_table.loc[self.ids]

@@ -140,11 +140,14 @@ class MultiViewNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(INPLANES[-1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled backbone features (B, 512) that the classifier reads."""
         if x.shape[2:] != (self.size,) * 3:
             raise ValueError(f"expected input (B, 1, {self.size}, {self.size}, {self.size})")
-        z = torch.cat([view(x) for view in self.views], dim=1)
-        return self.fc(self.dropout(self.backbone(z)))
+        return self.backbone(torch.cat([view(x) for view in self.views], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x)))
 
 
 class ResNet3D(nn.Module):
@@ -158,5 +161,9 @@ class ResNet3D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(INPLANES[-1], num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled backbone features (B, 512) that the classifier reads."""
+        return self.backbone(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.backbone(x)))
+        return self.fc(self.dropout(self.features(x)))

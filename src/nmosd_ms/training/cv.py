@@ -31,6 +31,7 @@ from ..spatial import resize
 from .executors import FoldInputs, LocalExecutor, make_executor
 from .loop import FoldOutput, resolve_device
 from .plan import FoldTask, check_no_leak, plan_splits, plan_tasks, splits_frame
+from .pretrain import check_pretraining
 from .runfolder import DETERMINISTIC_COLUMNS, RunFolder, now
 
 __all__ = ["DETERMINISTIC_COLUMNS", "run_cv"]
@@ -171,6 +172,9 @@ def run_cv(
                 f"model size {m}={s}: must be between 8 and the cache size {cache_size}",
                 option="model_sizes",
             )
+    for m in models:  # weights pretrained on this cohort's own maps would leak its folds
+        if get_spec(m).is_torch:
+            check_pretraining(model_weights(m, config.train.weights), cohort, m, sizes[m])
     if isinstance(executor, LocalExecutor):
         dev = resolve_device(device)  # folds run in this process: resolve (and check) here
     else:  # folds run on workers, which resolve "auto"/"cuda" themselves (a login node has no

@@ -1,0 +1,230 @@
+"""``pretrain``: a prior for the networks, made from lesion maps without their diagnoses.
+
+The paper fine-tuned ImageNet weights. Where those are not at hand (no internet, a 3D model, or
+a wish not to depend on photographs), a small cohort can make its own prior: the network learns
+a pretext task on unlabelled prepared lesion maps, and cross-validation or ``fit`` then starts
+from these weights (``--weights OUT/weights.safetensors``).
+
+The pretext: say which cells of a G×G×G grid over the prepared volume hold lesion (multi-label,
+binary cross-entropy on the backbone's pooled features through a linear head that is not kept).
+It asks the backbone for what the task needs, where lesions are, and reads no diagnosis.
+
+The maps must not be those of the subjects the weights are then evaluated on: a held-out fold
+whose maps the pretraining saw is not held out. ``pretrain.json`` records who and what the maps
+were made from (participant IDs, sha256 of the FLAIRs and lesion masks, as a bundle does), and
+``cv`` refuses weights whose pretraining cohort shares any of them with its own
+(:func:`check_pretraining`).
+
+Folder written (never overwritten; locked while written)::
+
+    OUT/weights.safetensors   the whole model; its classifier keeps its seeded initialisation
+    OUT/pretrain.json         the record (PretrainRecord): model, options, seed, the cohort's
+                              prepare parameters, hash, IDs and input sha256, the loss curve
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..config import PretrainConfig
+from ..constants import __version__
+from ..data.cache import PreparedCohort, load_prepared
+from ..errors import NmosdError
+from ..io import atomic_path, inside, sha256_file, write_json
+from ..locking import writing_folder
+from ..models import get_spec
+from ..records import PretrainRecord, load_record
+from .augment import augmented_batch
+from .loop import _autocast, prepare_device, resolve_device
+
+WEIGHTS_NAME = "weights.safetensors"
+RECORD_NAME = "pretrain.json"
+
+
+def occupancy_target(volumes: torch.Tensor, grid: int) -> torch.Tensor:
+    """The pretext's answer for a batch (B, 1, S, S, S): 1 for each of the ``grid``³ cells
+    (adaptive pooling, so S need not be a multiple of ``grid``) that holds any nonzero voxel,
+    else 0, flattened to (B, grid³)."""
+    return (F.adaptive_max_pool3d(volumes.float(), grid) > 0).float().flatten(1)
+
+
+def pretrain_weights(
+    cache_dir: str | Path | PreparedCohort,
+    model: str,
+    out_dir: str | Path,
+    config: PretrainConfig | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int = 0,
+) -> Path:
+    """Pretrain ``model`` on the prepared lesion maps of ``cache_dir`` (diagnoses unused) and
+    write its weights and record into the new folder ``out_dir``. Returns ``out_dir``.
+
+    Parameters
+    ----------
+    cache_dir : path or PreparedCohort
+        Unlabelled maps: a prepared cache (or one in memory) of subjects who are not in the
+        cohort the weights will be evaluated on. Its diagnosis column is not read.
+    model : str
+        A network of the registry, e.g. ``twoview-18``; the weights fit only that model at the
+        cache's size.
+    out_dir : path
+        The new folder (refused if it exists).
+    config : PretrainConfig
+        Epochs, batch size, Adam learning rate, grid, augmentation, precision.
+    seed : int
+        Seed of the initialisation, the batches and the augmentation.
+    device : {"auto", "cpu", "cuda"}
+    threads : int
+        Torch threads (0: torch's default).
+    """
+    config = config or PretrainConfig()
+    spec = get_spec(model)
+    if not spec.is_torch:
+        raise NmosdError(f"{model}: only neural-network models can be pretrained")
+    out = Path(out_dir)
+    if out.exists():
+        raise NmosdError(f"the pretraining folder {out} exists; it is never overwritten")
+    cohort = cache_dir if isinstance(cache_dir, PreparedCohort) else load_prepared(cache_dir)
+    if len(cohort.ids) < config.batch_size:
+        raise NmosdError(
+            f"pretraining needs at least one batch of maps ({config.batch_size}); "
+            f"the cohort has {len(cohort.ids)}"
+        )
+    size = int(cohort.volumes.shape[-1])
+    if config.grid > size:
+        raise NmosdError(f"grid {config.grid} is finer than the volumes ({size}³)", option="grid")
+    dev = resolve_device(device)
+    with writing_folder(out, "pretraining folder"):
+        weights_path = inside(out, WEIGHTS_NAME)
+        record_path = inside(out, RECORD_NAME)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        state, curve = _train(spec.name, cohort.volumes, size, config, seed, dev)
+        with atomic_path(weights_path) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "tool": "nmosd-ms pretrain"})
+        record = PretrainRecord(
+            version=__version__,
+            model=spec.name,
+            size=size,
+            options=config,
+            seed=seed,
+            prepare=cohort.params,
+            cohort_hash=cohort.cohort_hash,
+            n_subjects=len(cohort.ids),
+            **cohort.inputs,
+            weights_sha256=sha256_file(weights_path),
+            curve=curve,
+        )
+        write_json(record_path, record.model_dump(mode="json"))
+    return out
+
+
+def _train(
+    model_name: str,
+    volumes: np.ndarray,
+    size: int,
+    config: PretrainConfig,
+    seed: int,
+    dev: torch.device,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    prepare_device(dev, config.precision)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
+    torch.manual_seed(seed)
+    model = get_spec(model_name).build(size=size).to(dev)
+    classifier = {
+        k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("fc.")
+    }
+    head = torch.nn.Linear(model.fc.in_features, config.grid**3).to(dev)
+    params = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    opt = torch.optim.Adam([*params, *head.parameters()], lr=config.lr)
+    gen = torch.Generator().manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None], dtype=np.float32))
+    n = len(vols)
+    curve = []
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = order_rng.permutation(n)
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        seen = 0
+        # whole batches only: BatchNorm cannot train on a batch of one, and a short last batch
+        # would weigh its few maps more
+        for start in range(0, n - config.batch_size + 1, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            xb = augmented_batch(vols, idx, config.shift, config.flip, gen).to(dev)
+            target = occupancy_target(xb, config.grid)
+            with _autocast(dev, config.precision):
+                logits = head(model.dropout(model.features(xb)))
+                loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach().double() * len(idx)
+            seen += len(idx)
+        curve.append(
+            {
+                "epoch": float(epoch),
+                "loss": float(total) / seen,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state.update(classifier)  # the classifier was not trained: keep its initialisation
+    return state, curve
+
+
+def pretraining_record(weights: str | Path) -> PretrainRecord | None:
+    """The record ``pretrain`` wrote beside a weight file, or None for other weights (a named
+    set, a cv fold model, a file from elsewhere)."""
+    path = Path(weights)
+    if path.suffix != ".safetensors":
+        return None
+    record = path.parent / RECORD_NAME
+    if path.name != WEIGHTS_NAME or not record.is_file():
+        return None
+    return load_record(record, PretrainRecord, "pretraining record")
+
+
+def check_pretraining(
+    weights: str | Path, cohort: PreparedCohort, model: str, size: int | None = None
+) -> None:
+    """Refuse weights that ``pretrain`` made from maps of ``cohort``'s own participants or input
+    files (its held-out folds would have been seen), for another model or input size ``size``
+    (default: the cohort's), or from another kind of map (``PrepareConfig.input``). Other
+    weights pass unchecked."""
+    record = pretraining_record(weights)
+    if record is None:
+        return
+    spec = get_spec(model)
+    size = int(cohort.volumes.shape[-1]) if size is None else int(size)
+    if record.model != spec.name or record.size != size:
+        raise NmosdError(
+            f"weights {weights} were pretrained for {record.model} at {record.size}³, not "
+            f"{spec.name} at {size}³",
+            option="weights",
+        )
+    theirs, ours = record.prepare.get("input"), cohort.params.get("input")
+    if theirs != ours:
+        raise NmosdError(
+            f"weights {weights} were pretrained on {theirs} maps; this cohort has {ours} maps",
+            option="weights",
+        )
+    inputs = cohort.inputs
+    ids = sorted(set(record.participant_ids) & set(inputs["participant_ids"]))
+    files = set(record.input_sha256) & set(inputs["input_sha256"])
+    if ids or files:
+        shown = ", ".join(ids[:3]) + (" …" if len(ids) > 3 else "")
+        what = f"participants {shown}" if ids else f"{len(files)} input file(s)"
+        raise NmosdError(
+            f"weights {weights} were pretrained on maps of this cohort ({what}): its held-out "
+            "folds would not be held out; pretrain on other subjects",
+            option="weights",
+        )

@@ -1,0 +1,148 @@
+"""Self-supervised pretraining on unlabelled maps (nmosd-ms pretrain) and cv starting from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_manifest_cohort, small_cv_config
+from helpers import assert_user_error, run_cli
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def other_cache(tmp_path_factory):
+    """Maps of other people than the shared phantom cache's (IDs sub-00…, other files), at 24³."""
+    from nmosd_ms.config import PrepareConfig
+    from nmosd_ms.data.cache import prepare
+    from nmosd_ms.data.ingest import load_cohort
+
+    tmp = tmp_path_factory.mktemp("other")
+    out = tmp / "c24"
+    prepare(load_cohort(make_manifest_cohort(tmp, n_per_class=4)), out, PrepareConfig(size=24))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(other_cache, tmp_path_factory):
+    from nmosd_ms.config import PretrainConfig
+    from nmosd_ms.training.pretrain import pretrain_weights
+
+    out = tmp_path_factory.mktemp("pre") / "prior"
+    config = PretrainConfig(epochs=4, batch_size=4, shift=2)
+    return pretrain_weights(other_cache, "twoview-18", out, config, seed=0, device="cpu")
+
+
+def test_occupancy_target_marks_the_cells_that_hold_lesion():
+    from nmosd_ms.training.pretrain import occupancy_target
+
+    x = torch.zeros(2, 1, 20, 20, 20)
+    x[0, 0, 3, 15, 19] = 1.0  # cell (0, 3, 4) of a 5³ grid (4 voxels per cell)
+    t = occupancy_target(x, 5)
+    assert t.shape == (2, 125)
+    assert t[0].sum() == 1 and t[0].reshape(5, 5, 5)[0, 3, 4] == 1
+    assert t[1].sum() == 0  # an empty map holds nothing
+
+
+def test_pretrain_writes_weights_and_a_record(pretrained, other_cache):
+    from nmosd_ms.io import sha256_file
+    from nmosd_ms.models import build_model
+    from nmosd_ms.training.pretrain import RECORD_NAME, WEIGHTS_NAME, pretraining_record
+
+    weights = pretrained / WEIGHTS_NAME
+    record = pretraining_record(weights)
+    assert record is not None and (pretrained / RECORD_NAME).is_file()
+    assert record.model == "twoview-18" and record.size == 24 and record.n_subjects == 8
+    assert record.weights_sha256 == sha256_file(weights)
+    assert sorted(record.participant_ids) == [f"sub-{i:02d}" for i in range(8)]
+    assert len(record.input_sha256) == 16  # each subject's FLAIR and lesion mask
+    losses = [p["loss"] for p in record.curve]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # the pretext was learnt
+    # the weights load strictly into the model cv builds; the backbone moved from its seeded
+    # initialisation, the classifier (never trained) kept it
+    state = load_file(str(weights))
+    model = build_model("twoview-18", size=24, weights=str(weights))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    torch.manual_seed(0)
+    fresh = build_model("twoview-18", size=24).state_dict()
+    assert torch.equal(fresh["fc.weight"], state["fc.weight"])
+    assert not torch.equal(fresh["views.0.conv.weight"], state["views.0.conv.weight"])
+    assert not torch.equal(
+        fresh["backbone.layer4.1.conv2.weight"], state["backbone.layer4.1.conv2.weight"]
+    )
+
+
+def test_cv_starts_from_pretrained_weights(pretrained, prepared_small, tmp_path):
+    from nmosd_ms.config import TrainConfig
+    from nmosd_ms.training.cv import run_cv
+    from nmosd_ms.training.pretrain import WEIGHTS_NAME
+
+    weights = str(pretrained / WEIGHTS_NAME)
+    config = small_cv_config(
+        models=("twoview-18",),
+        repeats=1,
+        folds=2,
+        train=TrainConfig(epochs=1, batch_size=4, shift=2, weights=weights),
+    )
+    run_cv(prepared_small, tmp_path / "run", config, device="cpu", threads=1)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["options"]["train"]["weights"] == weights
+    assert run["models"]["twoview-18"]["weights"] == weights
+
+
+def test_cv_refuses_weights_pretrained_on_its_own_maps(prepared_small, tmp_path):
+    """Pretraining reads no diagnosis, but a fold whose maps the prior saw is not held out."""
+    from nmosd_ms.config import PretrainConfig
+    from nmosd_ms.training.pretrain import WEIGHTS_NAME, pretrain_weights
+
+    own = pretrain_weights(
+        prepared_small, "twoview-18", tmp_path / "own", PretrainConfig(epochs=1), device="cpu"
+    )
+    weights = own / WEIGHTS_NAME
+    run = tmp_path / "run"
+    common = ("cv", prepared_small, "--out", run, "--repeats", "1", "--folds", "2", "--epochs", "1")
+    res = run_cli(*common, "--models", "twoview-18", "--weights", weights)
+    assert_user_error(res, "pretrained on maps of this cohort", "sub-0")
+    assert not run.exists()
+    # another model, or the same at another size, is refused too
+    res = run_cli(*common, "--models", "twoview-34", "--weights", weights)
+    assert_user_error(res, "pretrained for twoview-18 at 24")
+    res = run_cli(
+        *common, "--models", "twoview-18", "--model-size", "twoview-18=16", "--weights", weights
+    )
+    assert_user_error(res, "at 24³, not twoview-18 at 16³")
+    # an edited record is one error line, not a traceback
+    record = own / "pretrain.json"
+    data = json.loads(record.read_text())
+    data["participant_ids"] = "everyone"
+    record.write_text(json.dumps(data))
+    res = run_cli(*common, "--models", "twoview-18", "--weights", weights)
+    assert_user_error(res, "pretraining record", "edited or damaged")
+
+
+def test_pretrain_cli_refuses_bad_input(other_cache, tmp_path):
+    out = tmp_path / "w"
+    assert_user_error(run_cli("pretrain", tmp_path / "nope", "--out", out), "nope")
+    assert_user_error(run_cli("pretrain", other_cache, "--out", out, "--epochs", "0"), "epochs")
+    res = run_cli("pretrain", other_cache, "--out", out, "--model", "lesionload-logreg")
+    assert_user_error(res, "only neural-network models")
+    assert_user_error(run_cli("pretrain", other_cache, "--out", out, "--grid", "30"), "grid")
+    res = run_cli("pretrain", other_cache, "--out", out, "--batch-size", "9")
+    assert_user_error(res, "at least one batch")
+    assert not out.exists()
+    out.mkdir()
+    assert_user_error(run_cli("pretrain", other_cache, "--out", out), "exists")
+
+
+def test_pretrain_cli_writes_the_folder(other_cache, tmp_path):
+    out = tmp_path / "prior"
+    res = run_cli("pretrain", other_cache, "--out", out, "--epochs", "1", "--threads", "1")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "pretrain.json",
+        "weights.safetensors",
+    ]
+    assert np.isfinite(json.loads((out / "pretrain.json").read_text())["curve"][0]["loss"])
