@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ import torch
 from conftest import make_manifest_cohort, small_cv_config
 from helpers import assert_user_error, run_cli
 from safetensors.torch import load_file
+
+from nmosd_ms.bundle import load_bundle
+from nmosd_ms.errors import NmosdError
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +79,16 @@ def test_pretrain_writes_weights_and_a_record(pretrained, other_cache):
     )
 
 
-def test_cv_starts_from_pretrained_weights(pretrained, prepared_small, tmp_path):
-    from nmosd_ms.config import TrainConfig
+def test_cv_starts_from_pretrained_weights(other_cache, prepared_small, tmp_path):
+    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.config import PretrainConfig, TrainConfig
     from nmosd_ms.training.cv import run_cv
-    from nmosd_ms.training.pretrain import WEIGHTS_NAME
+    from nmosd_ms.training.pretrain import WEIGHTS_NAME, pretrain_weights
 
-    weights = str(pretrained / WEIGHTS_NAME)
+    prior = pretrain_weights(
+        other_cache, "twoview-18", tmp_path / "prior", PretrainConfig(epochs=1)
+    )
+    weights = str(prior / WEIGHTS_NAME)
     config = small_cv_config(
         models=("twoview-18",),
         repeats=1,
@@ -91,6 +99,33 @@ def test_cv_starts_from_pretrained_weights(pretrained, prepared_small, tmp_path)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["options"]["train"]["weights"] == weights
     assert run["models"]["twoview-18"]["weights"] == weights
+    # the run keeps what the prior saw, so that a bundle exported from it still knows when the
+    # prior's folder is gone
+    assert run["models"]["twoview-18"]["pretraining"]["n_subjects"] == 8
+    shutil.rmtree(prior)
+    bundle = load_bundle(export_bundle(tmp_path / "run", "twoview-18", tmp_path / "model"))
+    seen = bundle.info.training.pretraining
+    assert seen is not None and sorted(seen.participant_ids)[0] == "sub-00"
+
+
+def test_evaluate_counts_the_priors_maps_as_seen(pretrained, prepared_small, other_cache, tmp_path):
+    """A bundle fitted from a prior: an external cohort made of the prior's maps is refused as
+    evaluate refuses the training cohort (IDs and identical input files)."""
+    from nmosd_ms.config import TrainConfig
+    from nmosd_ms.data.ingest import load_cohort
+    from nmosd_ms.evaluate import check_overlap, evaluate_cohort
+    from nmosd_ms.fit import fit_bundle
+    from nmosd_ms.training.pretrain import WEIGHTS_NAME
+
+    train = TrainConfig(epochs=1, batch_size=4, weights=str(pretrained / WEIGHTS_NAME))
+    bundle = load_bundle(fit_bundle(prepared_small, "twoview-18", tmp_path / "m", train))
+    assert bundle.info.training.pretraining.n_subjects == 8
+    prior_maps = load_cohort(other_cache.parent / "manifest.tsv")
+    overlap = check_overlap(bundle, prior_maps.subjects)
+    assert len(overlap["participants"]) == 8 and len(overlap["files"]) == 16
+    with pytest.raises(NmosdError, match="its prior's maps"):
+        evaluate_cohort(bundle, prior_maps, tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_cv_refuses_weights_pretrained_on_its_own_maps(prepared_small, tmp_path):

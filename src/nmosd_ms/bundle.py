@@ -69,6 +69,17 @@ class MetricSummary(_Record):
     ci_high: float | None = None
 
 
+class PriorReference(_Record):
+    """The unlabelled maps a prior was pretrained on (``nmosd-ms pretrain``): ``evaluate``
+    counts them as seen, as it does the training cohort."""
+
+    cohort_hash: str
+    n_subjects: int = Field(ge=1)
+    participant_ids: list[str] = Field(default_factory=list)
+    input_sha256: list[str] = Field(default_factory=list)
+    weights_sha256: str = ""
+
+
 class TrainingRecord(_Record):
     """Where the weights come from: the cohort (IDs and input hashes, for leakage checks), the
     full training options and seed, and how they were made (cv folds or one fit)."""
@@ -85,6 +96,9 @@ class TrainingRecord(_Record):
     input_sha256: list[str] = Field(default_factory=list)
     summary: dict | None = Field(
         None, description="class balance, load quantiles, grids (nmosd_ms.data.summary)"
+    )
+    pretraining: PriorReference | None = Field(
+        None, description="the prior the weights started from (nmosd-ms pretrain), if any"
     )
 
 
@@ -402,6 +416,7 @@ def export_bundle(
         "source": str(run_dir.resolve()),
         "participant_ids": sorted(set(run.splits["participant_id"].astype(str))),
         **record,
+        "pretraining": run.meta["models"][model].get("pretraining"),
     }
     info = make_info(model, size, opts["prepare"], training, files, metrics)
     return write_bundle(out, info, weights, baselines)

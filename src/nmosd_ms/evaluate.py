@@ -95,10 +95,15 @@ def _input_hashes(subject: Subject) -> dict[str, str]:
 
 
 def check_overlap(bundle: Bundle, subjects: list[Subject]) -> dict:
-    """Which of ``subjects`` the bundle's training cohort holds: participant IDs it recorded, and
-    input files (FLAIR, lesion mask) whose sha256 it recorded."""
+    """Which of ``subjects`` the bundle's training cohort, or the maps its prior was pretrained
+    on, holds: participant IDs it recorded, and input files (FLAIR, lesion mask) whose sha256 it
+    recorded."""
     training = bundle.info.training
-    return find_overlap(training.participant_ids, training.input_sha256, subjects)
+    ids, files = list(training.participant_ids), list(training.input_sha256)
+    if training.pretraining is not None:  # the prior's maps were seen too
+        ids += training.pretraining.participant_ids
+        files += training.pretraining.input_sha256
+    return find_overlap(ids, files, subjects)
 
 
 def find_overlap(participant_ids, input_sha256, subjects: list[Subject]) -> dict:
@@ -135,7 +140,8 @@ def _overlap_error(overlap: dict) -> str:
         f = overlap["files"]
         parts.append(f"{len(f)} identical input file(s) ({', '.join(f[:2])}{', …' * (len(f) > 2)})")
     return (
-        f"the cohort overlaps the bundle's training cohort: {' and '.join(parts)}; scores on "
+        f"the cohort overlaps the bundle's training cohort (or its prior's maps): "
+        f"{' and '.join(parts)}; scores on "
         "training subjects are not an external validation. If they are other people who share "
         "IDs (another site's numbering), rename them, or give --allow-overlap to evaluate anyway"
     )

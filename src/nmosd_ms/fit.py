@@ -16,6 +16,7 @@ from .errors import NmosdError
 from .models import get_spec, model_weights
 from .spatial import resize
 from .training import loop
+from .training.pretrain import check_pretraining, prior_reference
 from .training.runfolder import RunFolder
 
 
@@ -75,7 +76,9 @@ def fit_bundle(
     volumes = cohort.volumes
     if size != cache_size:
         volumes = np.stack([resize(v, size) for v in volumes]).astype(np.float32)
-    spec.build(size=size, weights=model_weights(model, train.weights))  # check first
+    weights = model_weights(model, train.weights)
+    check_pretraining(weights, cohort, model, size, held_out=False)  # a prior of another kind
+    spec.build(size=size, weights=weights)  # check first
     vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None]))
     idx = np.arange(len(cohort.ids))
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
@@ -92,6 +95,7 @@ def fit_bundle(
         "kind": "one model fitted on the whole cohort (no held-out estimate)",
         "source": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
         **record,
+        "pretraining": prior_reference(weights),
     }
     files = [{"file": name, "sha256": PLACEHOLDER_SHA}]  # the real digest is set when written
     info = make_info(model, size, cohort.params, training, files)

@@ -31,7 +31,7 @@ from ..spatial import resize
 from .executors import FoldInputs, LocalExecutor, make_executor
 from .loop import FoldOutput, resolve_device
 from .plan import FoldTask, check_no_leak, plan_splits, plan_tasks, splits_frame
-from .pretrain import check_pretraining
+from .pretrain import check_pretraining, prior_reference
 from .runfolder import DETERMINISTIC_COLUMNS, RunFolder, now
 
 __all__ = ["DETERMINISTIC_COLUMNS", "run_cv"]
@@ -74,6 +74,7 @@ def _model_info(name: str, size: int, default_weights: str) -> dict:
         "description": spec.description,
     }
     if spec.is_torch:
+        info["pretraining"] = prior_reference(weights)
         net = spec.build(size=size, weights=weights)
         info["parameters"] = count_parameters(net)
         info["flops"] = count_flops(net, size)

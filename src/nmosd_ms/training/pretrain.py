@@ -193,13 +193,33 @@ def pretraining_record(weights: str | Path) -> PretrainRecord | None:
     return load_record(record, PretrainRecord, "pretraining record")
 
 
+def prior_reference(weights: str | Path) -> dict | None:
+    """What a run or a bundle keeps of the prior its weights start from, so that a later leakage
+    check still sees the prior's maps when its folder is gone: the pretraining cohort's hash,
+    size, participant IDs and input sha256, and the weights' sha256. None for other weights."""
+    record = pretraining_record(weights)
+    if record is None:
+        return None
+    return {
+        "cohort_hash": record.cohort_hash,
+        "n_subjects": record.n_subjects,
+        "participant_ids": record.participant_ids,
+        "input_sha256": record.input_sha256,
+        "weights_sha256": record.weights_sha256,
+    }
+
+
 def check_pretraining(
-    weights: str | Path, cohort: PreparedCohort, model: str, size: int | None = None
+    weights: str | Path,
+    cohort: PreparedCohort,
+    model: str,
+    size: int | None = None,
+    held_out: bool = True,
 ) -> None:
-    """Refuse weights that ``pretrain`` made from maps of ``cohort``'s own participants or input
-    files (its held-out folds would have been seen), for another model or input size ``size``
-    (default: the cohort's), or from another kind of map (``PrepareConfig.input``). Other
-    weights pass unchecked."""
+    """Refuse weights that ``pretrain`` made for another model or input size ``size`` (default:
+    the cohort's), or from another kind of map (``PrepareConfig.input``); with ``held_out``
+    (cross-validation), also those made from maps of ``cohort``'s own participants or input
+    files, whose held-out folds the prior would have seen. Other weights pass unchecked."""
     record = pretraining_record(weights)
     if record is None:
         return
@@ -217,6 +237,8 @@ def check_pretraining(
             f"weights {weights} were pretrained on {theirs} maps; this cohort has {ours} maps",
             option="weights",
         )
+    if not held_out:
+        return
     inputs = cohort.inputs
     ids = sorted(set(record.participant_ids) & set(inputs["participant_ids"]))
     files = set(record.input_sha256) & set(inputs["input_sha256"])
