@@ -102,6 +102,11 @@ def test_cv_starts_from_pretrained_weights(other_cache, prepared_small, tmp_path
     # the run keeps what the prior saw, so that a bundle exported from it still knows when the
     # prior's folder is gone
     assert run["models"]["twoview-18"]["pretraining"]["n_subjects"] == 8
+    # another prior at the same path cannot join the run (its folds would mix two priors)
+    shutil.rmtree(prior)
+    pretrain_weights(other_cache, "twoview-18", prior, PretrainConfig(epochs=1), seed=1)
+    with pytest.raises(NmosdError, match="other pretrained weights"):
+        run_cv(prepared_small, tmp_path / "run", config, device="cpu", threads=1)
     shutil.rmtree(prior)
     bundle = load_bundle(export_bundle(tmp_path / "run", "twoview-18", tmp_path / "model"))
     seen = bundle.info.training.pretraining

@@ -253,6 +253,10 @@ class RunFolder:
                 old_size = models_info.get(m, {}).get("size")
                 if m in models_info and get_spec(m).is_torch and old_size != sizes[m]:
                     raise NmosdError(f"{root}: {m} was run at size {old_size}, not {sizes[m]}")
+                old_prior = (models_info.get(m, {}).get("pretraining") or {}).get("weights_sha256")
+                new_prior = (info.get("pretraining") or {}).get("weights_sha256")
+                if m in models_info and old_prior != new_prior:  # same path, other weights
+                    raise NmosdError(f"{root}: {m} was run from other pretrained weights")
                 models_info.setdefault(m, info)
             started = old.get("started") or now()
         else:
