@@ -154,6 +154,17 @@ def test_cv_refuses_weights_pretrained_on_its_own_maps(prepared_small, tmp_path)
         *common, "--models", "twoview-18", "--model-size", "twoview-18=16", "--weights", weights
     )
     assert_user_error(res, "at 24³, not twoview-18 at 16³")
+    # a prior copied without its record is refused, not used unchecked
+    alone = tmp_path / "elsewhere" / "prior.safetensors"
+    alone.parent.mkdir()
+    shutil.copyfile(weights, alone)
+    res = run_cli(*common, "--models", "twoview-18", "--weights", alone)
+    assert_user_error(res, "without its pretrain.json")
+    # ... and so is one whose record describes other weights
+    shutil.copyfile(own / "pretrain.json", alone.parent / "pretrain.json")
+    alone.write_bytes(alone.read_bytes()[:-4] + b"    ")
+    res = run_cli(*common, "--models", "twoview-18", "--weights", alone)
+    assert_user_error(res, "describes other weights")
     # an edited record is one error line, not a traceback
     record = own / "pretrain.json"
     data = json.loads(record.read_text())

@@ -17,7 +17,9 @@ were made from (participant IDs, sha256 of the FLAIRs and lesion masks, as a bun
 
 Folder written (never overwritten; locked while written)::
 
-    OUT/weights.safetensors   the whole model; its classifier keeps its seeded initialisation
+    OUT/weights.safetensors   the whole model; its classifier keeps its seeded initialisation;
+                              its metadata marks it as a prior, so that it is refused
+                              wherever it lies without the record that describes it
     OUT/pretrain.json         the record (PretrainRecord): model, options, seed, the cohort's
                               prepare parameters, hash, IDs and input sha256, the loss curve
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import PretrainConfig
@@ -44,6 +47,8 @@ from .augment import augmented_batch
 from .loop import _autocast, prepare_device, resolve_device
 
 WEIGHTS_NAME = "weights.safetensors"
+#: The ``tool`` entry of a prior's safetensors metadata.
+PRIOR_TOOL = "nmosd-ms pretrain"
 RECORD_NAME = "pretrain.json"
 
 
@@ -107,22 +112,24 @@ def pretrain_weights(
         if threads > 0:
             torch.set_num_threads(threads)
         state, curve = _train(spec.name, cohort.volumes, size, config, seed, dev)
+        # The weights are marked as a prior and land last: weights without their record (a
+        # killed writer, a copied file) are refused by pretraining_record, never used unchecked.
         with atomic_path(weights_path) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "tool": "nmosd-ms pretrain"})
-        record = PretrainRecord(
-            version=__version__,
-            model=spec.name,
-            size=size,
-            options=config,
-            seed=seed,
-            prepare=cohort.params,
-            cohort_hash=cohort.cohort_hash,
-            n_subjects=len(cohort.ids),
-            **cohort.inputs,
-            weights_sha256=sha256_file(weights_path),
-            curve=curve,
-        )
-        write_json(record_path, record.model_dump(mode="json"))
+            save_file(state, str(tmp), metadata={"format": "pt", "tool": PRIOR_TOOL})
+            record = PretrainRecord(
+                version=__version__,
+                model=spec.name,
+                size=size,
+                options=config,
+                seed=seed,
+                prepare=cohort.params,
+                cohort_hash=cohort.cohort_hash,
+                n_subjects=len(cohort.ids),
+                **cohort.inputs,
+                weights_sha256=sha256_file(tmp),
+                curve=curve,
+            )
+            write_json(record_path, record.model_dump(mode="json"))
     return out
 
 
@@ -183,14 +190,33 @@ def _train(
 
 def pretraining_record(weights: str | Path) -> PretrainRecord | None:
     """The record ``pretrain`` wrote beside a weight file, or None for other weights (a named
-    set, a cv fold model, a file from elsewhere)."""
+    set, a cv fold model, a file from elsewhere). A prior whose record is missing or describes
+    other weights (a killed writer, a file copied without its folder) is refused, so that a
+    prior is never used without its leakage check."""
     path = Path(weights)
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" or not path.is_file():
         return None
-    record = path.parent / RECORD_NAME
-    if path.name != WEIGHTS_NAME or not record.is_file():
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # not readable as safetensors: the model loader says why
         return None
-    return load_record(record, PretrainRecord, "pretraining record")
+    if meta.get("tool") != PRIOR_TOOL:
+        return None
+    record_path = path.parent / RECORD_NAME
+    if not record_path.is_file():
+        raise NmosdError(
+            f"{path} is a prior from nmosd-ms pretrain without its {RECORD_NAME} beside it: "
+            "keep the pretraining folder whole (the record is its leakage check)",
+            option="weights",
+        )
+    record = load_record(record_path, PretrainRecord, "pretraining record")
+    if sha256_file(path) != record.weights_sha256:
+        raise NmosdError(
+            f"{record_path} describes other weights than {path} (sha256 differs)",
+            option="weights",
+        )
+    return record
 
 
 def prior_reference(weights: str | Path) -> dict | None:
