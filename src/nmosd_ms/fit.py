@@ -77,7 +77,7 @@ def fit_bundle(
     if size != cache_size:
         volumes = np.stack([resize(v, size) for v in volumes]).astype(np.float32)
     weights = model_weights(model, train.weights)
-    check_pretraining(weights, cohort, model, size, held_out=False)  # a prior of another kind
+    prior = check_pretraining(weights, cohort, model, size, held_out=False)  # of another kind?
     spec.build(size=size, weights=weights)  # check first
     vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None]))
     idx = np.arange(len(cohort.ids))
@@ -95,7 +95,7 @@ def fit_bundle(
         "kind": "one model fitted on the whole cohort (no held-out estimate)",
         "source": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
         **record,
-        "pretraining": prior_reference(weights),
+        "pretraining": prior_reference(prior),
     }
     files = [{"file": name, "sha256": PLACEHOLDER_SHA}]  # the real digest is set when written
     info = make_info(model, size, cohort.params, training, files)

@@ -62,9 +62,10 @@ def _environment(device: torch.device) -> dict:
     }
 
 
-def _model_info(name: str, size: int, default_weights: str) -> dict:
-    """What run.json records of one model. Building it with its weights is also the check that
-    the weights exist and fit, before anything is written."""
+def _model_info(name: str, size: int, default_weights: str, prior=None) -> dict:
+    """What run.json records of one model (``prior``: the record :func:`check_pretraining`
+    returned for its weights, if any). Building it with its weights is also the check that the
+    weights exist and fit, before anything is written."""
     spec = get_spec(name)
     weights = model_weights(name, default_weights) if spec.is_torch else None
     info = {
@@ -74,7 +75,7 @@ def _model_info(name: str, size: int, default_weights: str) -> dict:
         "description": spec.description,
     }
     if spec.is_torch:
-        info["pretraining"] = prior_reference(weights)
+        info["pretraining"] = prior_reference(prior)
         net = spec.build(size=size, weights=weights)
         info["parameters"] = count_parameters(net)
         info["flops"] = count_flops(net, size)
@@ -173,9 +174,11 @@ def run_cv(
                 f"model size {m}={s}: must be between 8 and the cache size {cache_size}",
                 option="model_sizes",
             )
-    for m in models:  # weights pretrained on this cohort's own maps would leak its folds
-        if get_spec(m).is_torch:
-            check_pretraining(model_weights(m, config.train.weights), cohort, m, sizes[m])
+    priors = {  # weights pretrained on this cohort's own maps would leak its folds
+        m: check_pretraining(model_weights(m, config.train.weights), cohort, m, sizes[m])
+        for m in models
+        if get_spec(m).is_torch
+    }
     if isinstance(executor, LocalExecutor):
         dev = resolve_device(device)  # folds run in this process: resolve (and check) here
     else:  # folds run on workers, which resolve "auto"/"cuda" themselves (a login node has no
@@ -199,7 +202,7 @@ def run_cv(
     sessions = cohort.sessions if cohort.has_sessions else None
     splits = splits_frame(cohort.participants, cohort.diagnoses, plan, sessions)
     check_no_leak(splits)
-    new_models = {m: _model_info(m, sizes[m], config.train.weights) for m in models}
+    new_models = {m: _model_info(m, sizes[m], config.train.weights, priors.get(m)) for m in models}
     cohort_record = {
         "path": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
         "counts": cohort.counts,

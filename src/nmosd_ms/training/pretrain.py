@@ -219,20 +219,16 @@ def pretraining_record(weights: str | Path) -> PretrainRecord | None:
     return record
 
 
-def prior_reference(weights: str | Path) -> dict | None:
-    """What a run or a bundle keeps of the prior its weights start from, so that a later leakage
-    check still sees the prior's maps when its folder is gone: the pretraining cohort's hash,
-    size, participant IDs and input sha256, and the weights' sha256. None for other weights."""
-    record = pretraining_record(weights)
+def prior_reference(record: PretrainRecord | None) -> dict | None:
+    """What a run or a bundle keeps of a prior (the record :func:`check_pretraining` returns),
+    so that a later leakage check still sees the prior's maps when its folder is gone: the
+    pretraining cohort's hash, size, participant IDs and input sha256, and the weights' sha256.
+    None for other weights."""
     if record is None:
         return None
-    return {
-        "cohort_hash": record.cohort_hash,
-        "n_subjects": record.n_subjects,
-        "participant_ids": record.participant_ids,
-        "input_sha256": record.input_sha256,
-        "weights_sha256": record.weights_sha256,
-    }
+    return record.model_dump(
+        include={"cohort_hash", "n_subjects", "participant_ids", "input_sha256", "weights_sha256"}
+    )
 
 
 def check_pretraining(
@@ -241,14 +237,15 @@ def check_pretraining(
     model: str,
     size: int | None = None,
     held_out: bool = True,
-) -> None:
+) -> PretrainRecord | None:
     """Refuse weights that ``pretrain`` made for another model or input size ``size`` (default:
     the cohort's), or from another kind of map (``PrepareConfig.input``); with ``held_out``
     (cross-validation), also those made from maps of ``cohort``'s own participants or input
-    files, whose held-out folds the prior would have seen. Other weights pass unchecked."""
+    files, whose held-out folds the prior would have seen. Returns the prior's record (read and
+    hashed once), or None for other weights, which pass unchecked."""
     record = pretraining_record(weights)
     if record is None:
-        return
+        return None
     spec = get_spec(model)
     size = int(cohort.volumes.shape[-1]) if size is None else int(size)
     if record.model != spec.name or record.size != size:
@@ -264,7 +261,7 @@ def check_pretraining(
             option="weights",
         )
     if not held_out:
-        return
+        return record
     inputs = cohort.inputs
     ids = sorted(set(record.participant_ids) & set(inputs["participant_ids"]))
     files = set(record.input_sha256) & set(inputs["input_sha256"])
@@ -276,3 +273,4 @@ def check_pretraining(
             "folds would not be held out; pretrain on other subjects",
             option="weights",
         )
+    return record
