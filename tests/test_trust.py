@@ -725,3 +725,16 @@ def test_header_repairs_and_extreme_values_print_nothing_but_the_result(tmp_path
     res = _prepare_subprocess(manifest, tmp_path / "c2")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, repr(res.stderr)
     assert res.stderr.startswith("error: ") and "invalid affine" in res.stderr
+
+
+def test_a_refused_weight_write_is_an_os_error(tmp_path):
+    """safetensors reports a failed write as its own error type; the writers raise OSError, which
+    the command line turns into one line (a full disk ended the demo in a traceback)."""
+    import torch
+
+    from nmosd_ms.io import save_tensors, write_tensors
+
+    with pytest.raises(OSError, match="cannot write"):
+        write_tensors(tmp_path / "gone" / "w.safetensors", {"a": torch.zeros(2)})
+    save_tensors(tmp_path / "ok.safetensors", {"a": np.zeros(2, dtype=np.float32)})
+    assert (tmp_path / "ok.safetensors").stat().st_size > 0

@@ -30,10 +30,10 @@ from .constants import LABELS, POSITIVE, THRESHOLD, __version__
 from .errors import NmosdError
 from .io import (
     atomic_dir,
-    atomic_path,
     available_memory_bytes,
     inside,
     read_json,
+    save_tensors,
     sha256_file,
     write_json,
     write_text,
@@ -302,9 +302,6 @@ def write_bundle(
     their arrays (:func:`~nmosd_ms.models.lesionload.fit_lesionload_arrays`). The bundle is read
     back (as ``predict`` will) before it is moved into place. An existing ``out_dir`` is
     refused."""
-    from safetensors.numpy import save_file as save_arrays
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.exists():
         raise NmosdError(f"the bundle folder {out} exists; bundles are never overwritten")
@@ -315,8 +312,7 @@ def write_bundle(
             target.parent.mkdir(parents=True, exist_ok=True)
             src = weights[f.file]
             if isinstance(src, dict):
-                with atomic_path(target, suffix=".safetensors") as t:
-                    save_file(src, str(t), metadata={"model": info.model})
+                save_tensors(target, src, {"model": info.model})
             else:
                 shutil.copyfile(src, target)
             files.append(f.model_copy(update={"sha256": sha256_file(target)}))
@@ -324,8 +320,7 @@ def write_bundle(
         for name, arrays in (baselines or {}).items():
             target = inside(tmp, f"baselines/{name}.safetensors")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target, suffix=".safetensors") as t:
-                save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(t))
+            save_tensors(target, {k: np.ascontiguousarray(v) for k, v in arrays.items()})
             listed.append(
                 BaselineFile(
                     name=name, file=target.relative_to(tmp).as_posix(), sha256=sha256_file(target)

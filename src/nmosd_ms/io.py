@@ -219,6 +219,33 @@ def save_npy(dest: str | os.PathLike, array: np.ndarray) -> None:
         np.save(tmp, array, allow_pickle=False)
 
 
+def write_tensors(
+    path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` (torch tensors, or numpy arrays) as a safetensors file at ``path``.
+    safetensors reports a failed write (a full disk, a removed folder) as its own error type,
+    not ``OSError``; it is raised as ``OSError`` here, so that every writer's callers see a
+    refused write the same way (one ``error:`` line at the command line)."""
+    from safetensors import SafetensorError
+
+    if any(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        raise OSError(f"cannot write {path}: {exc}") from None
+
+
+def save_tensors(
+    dest: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None
+) -> None:
+    """:func:`write_tensors` atomically (a temporary file renamed onto ``dest``)."""
+    with atomic_path(dest, suffix=".safetensors") as tmp:
+        write_tensors(tmp, tensors, metadata)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

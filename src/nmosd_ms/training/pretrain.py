@@ -33,13 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..config import PretrainConfig
 from ..constants import __version__
 from ..data.cache import PreparedCohort, load_prepared
 from ..errors import NmosdError
-from ..io import atomic_path, inside, sha256_file, write_json
+from ..io import atomic_path, inside, sha256_file, write_json, write_tensors
 from ..locking import writing_folder
 from ..models import get_spec
 from ..records import PretrainRecord, load_record
@@ -115,7 +114,7 @@ def pretrain_weights(
         # The weights are marked as a prior and land last: weights without their record (a
         # killed writer, a copied file) are refused by pretraining_record, never used unchecked.
         with atomic_path(weights_path) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "tool": PRIOR_TOOL})
+            write_tensors(tmp, state, {"format": "pt", "tool": PRIOR_TOOL})
             record = PretrainRecord(
                 version=__version__,
                 model=spec.name,

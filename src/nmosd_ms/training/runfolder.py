@@ -34,18 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from safetensors.torch import save_file
 
 from ..config import TrainConfig
 from ..constants import LABELS, __version__
 from ..errors import NmosdError
 from ..evaluation.metrics import METRICS, binary_metrics
 from ..io import (
-    atomic_path,
     inside,
     read_json,
     read_tsv,
     remove_stale_temporaries,
+    save_tensors,
     sha256_file,
     write_json,
     write_text,
@@ -315,8 +314,7 @@ class RunFolder:
         weights_info = None
         if out.state_dict is not None:
             wpath = self._weights(*task.key)
-            with atomic_path(wpath, suffix=".safetensors") as tmp:
-                save_file(out.state_dict, str(tmp), metadata={"model": task.model})
+            save_tensors(wpath, out.state_dict, {"model": task.model})
             weights_info = {"file": wpath.name, "sha256": sha256_file(wpath)}
             spec = get_spec(task.model)
             write_json(
