@@ -727,6 +727,26 @@ def test_header_repairs_and_extreme_values_print_nothing_but_the_result(tmp_path
     assert res.stderr.startswith("error: ") and "invalid affine" in res.stderr
 
 
+@pytest.mark.parametrize(
+    ("offset", "value", "says"),
+    [(108, np.float32(100).tobytes(), "vox offset"), (70, (7).to_bytes(2, "little"), "data code")],
+    ids=["vox-offset-100", "datatype-7"],
+)
+def test_header_faults_nibabel_logs_as_errors_are_still_one_line(tmp_path, offset, value, says):
+    """nibabel logs these faults of an uncompressed NIfTI at ERROR level before raising; only our
+    line may reach stderr."""
+    manifest = make_manifest_cohort(tmp_path)
+    mask = tmp_path / "sub-01" / "lesion.nii.gz"
+    raw = bytearray(gzip.decompress(mask.read_bytes()))
+    raw[offset : offset + len(value)] = value
+    mask.with_suffix("").write_bytes(bytes(raw))
+    manifest.write_text(manifest.read_text().replace("sub-01/lesion.nii.gz", "sub-01/lesion.nii"))
+    res = _prepare_subprocess(manifest, tmp_path / "c")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, repr(res.stderr)
+    assert res.stderr.startswith("error: cannot read") and says in res.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_refused_weight_write_is_an_os_error(tmp_path):
     """safetensors reports a failed write as its own error type; the writers raise OSError, which
     the command line turns into one line (a full disk ended the demo in a traceback)."""

@@ -77,11 +77,13 @@ def _check_header(img, path: Path, what: str) -> tuple[int, ...]:
 
 @contextlib.contextmanager
 def _quiet_nibabel():
-    """nibabel logs header repairs ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1") to
-    stderr; the checks here report what matters as the one error line instead."""
+    """nibabel logs header repairs ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1") and,
+    at ERROR level, the header faults it then raises for ("vox offset 0 too low", "data code 7
+    not recognized") to stderr; the checks here report what matters as the one error line
+    instead, so nothing below CRITICAL gets through while a file is read."""
     logger = logging.getLogger("nibabel.global")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -98,10 +100,10 @@ def load(path: str | Path, what: str = "image", dtype=np.float32) -> Image:
     try:
         with _quiet_nibabel():
             img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-            raise NmosdError(f"{what} {path} is not a NIfTI image ({type(img).__name__})")
-        shape = _check_header(img, path, what)
-        data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
+            if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+                raise NmosdError(f"{what} {path} is not a NIfTI image ({type(img).__name__})")
+            shape = _check_header(img, path, what)
+            data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
     except NmosdError:
         raise
     except MemoryError:
