@@ -80,6 +80,19 @@ def test_bundle_carries_baselines_and_training_summary(bundle_dir, prepared_smal
         np.median(feats["n_lesions"].to_numpy()[load_prepared(prepared_small).labels == 0])
     )
     assert "lesionload-forest" in (bundle_dir / "MODEL_CARD.md").read_text()
+    assert summary["no_lesion"] == {"MS": 0, "NMOSD": 0}
+
+
+def test_external_maps_without_lesions_are_counted_beside_the_training_cohort(bundle_dir):
+    from nmosd_ms.data.summary import describe_difference
+
+    training = json.loads((bundle_dir / "model.json").read_text())["training"]["summary"]
+    external = {**training, "no_lesion": {"MS": 0, "NMOSD": 2}}
+    said = " ".join(describe_difference(training, external))
+    assert "2 of 16 external maps hold no lesion of 24 mm³ or more (training: 0)" in said
+    old = {k: v for k, v in training.items() if k != "no_lesion"}  # a bundle made before
+    assert "(training: n/a)" in " ".join(describe_difference(old, external))
+    assert "no lesion" not in " ".join(describe_difference(external, training))
 
 
 def test_numbers_recomputed_from_the_predictions(

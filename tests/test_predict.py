@@ -205,3 +205,34 @@ def test_predict_manifest(bundle_dir, phantom_cohort, tmp_path):
     assert_user_error(run_cli("predict", bundle_dir, "--manifest", manifest), "duplicate")
     manifest.write_text("participant_id\tage\nx\t3\n")
     assert_user_error(run_cli("predict", bundle_dir, "--manifest", manifest), "lesion_mask")
+
+
+def test_an_empty_or_unusual_map_is_predicted_with_a_note(bundle_dir, phantom_cohort, tmp_path):
+    """Every training subject had lesions: an empty map still gets a row (a batch is not lost
+    to one subject), with its load and a note saying the output is no evidence; the CLI table
+    shows the note."""
+    from nmosd_ms.predict import scope_note
+
+    s = load_bids(phantom_cohort).subjects[0]
+    img = nib.load(s.lesion_mask)
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(empty))
+    rows = ["participant_id\tlesion_mask", f"{s.participant_id}\t{s.lesion_mask}", f"new\t{empty}"]
+    manifest = tmp_path / "new.tsv"
+    manifest.write_text("\n".join(rows) + "\n")
+    res = run_cli("predict", bundle_dir, "--manifest", manifest, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.stderr
+    assert "not evidence" in " ".join(res.stdout.split())
+    pred = pd.read_csv(tmp_path / "o" / PREDICTIONS, sep="\t", keep_default_na=False)
+    assert pred["n_lesions"].tolist()[1] == 0 and pred["lesion_ml"].tolist()[1] == 0
+    assert pred["n_lesions"].tolist()[0] > 0 and pred["lesion_ml"].tolist()[0] > 0
+    assert pred["note"].tolist()[0] == "" and "no lesion" in pred["note"].tolist()[1]
+    sidecar = json.loads((tmp_path / "o" / PREDICTIONS).with_suffix(".json").read_text())
+    assert {"n_lesions", "lesion_ml", "note"} <= set(sidecar)
+
+    summary = {"quantiles": [0.1, 0.5, 0.9], "load": {"MS": {"total_ml": [2.0, 9.0, 30.0]}}}
+    summary["load"]["NMOSD"] = {"total_ml": [1.0, 5.0, 20.0]}
+    assert scope_note({"n_lesions": 3, "total_ml": 0.5}, summary).startswith("lesion volume 0.5")
+    assert "90th" in scope_note({"n_lesions": 40, "total_ml": 45.0}, summary)
+    assert scope_note({"n_lesions": 12, "total_ml": 1.5}, summary) == ""
+    assert scope_note({"n_lesions": 12, "total_ml": 99.0}, None) == ""

@@ -690,12 +690,14 @@ def predict(
         table.add_column(col)
     for _, r in df.iterrows():
         table.add_row(
-            r["participant_id"],
+            r["participant_id"] + (" *" if r["note"] else ""),
             f"{r['prob_nmosd']:.3f}",
             r["predicted"],
             f"{r['fold_spread']:.3f}" if r["fold_spread"] == r["fold_spread"] else "–",
         )
     out.print(table)
+    for _, r in df[df["note"].astype(bool)].iterrows():
+        out.print(f"* {r['participant_id']}: {r['note']}", highlight=False)
     if out_dir is not None:
         from .predict import PREDICTIONS
 

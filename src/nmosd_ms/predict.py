@@ -29,6 +29,7 @@ __all__ = [
     "predict_subjects",
     "prepare_for_bundle",
     "saliency_volume",
+    "scope_note",
     "subjects_from_manifest",
 ]
 
@@ -147,10 +148,37 @@ PREDICTION_COLUMNS = {
     "lesion_source": "given: the lesion mask was given; segmented: made from the FLAIR by nmosd-ms",
     "segmentation": "the WMH mask the model saw when it was segmented here (path in this dataset)",
     "saliency": "the occlusion saliency map (path in this dataset), when asked for",
+    "n_lesions": "lesions (components of at least 24 mm³) in the map the model saw",
+    "lesion_ml": "their total volume (ml)",
+    "note": "why this prediction deserves caution, if it does (see scope_note); empty otherwise",
     "fold_spread": "standard deviation of the fold models' probabilities",
     "fold_min": "smallest fold-model probability",
     "fold_max": "largest fold-model probability",
 }
+
+
+def scope_note(features: dict, summary: dict | None) -> str:
+    """Why a prediction from lesion-load ``features`` (``data.features``) lies outside what the
+    bundle's training cohort (its ``summary``, :mod:`nmosd_ms.data.summary`) covered; "" if not.
+
+    A map with no lesion is flagged whatever the cohort: the paper, like the built-in cohort,
+    enrolled only patients with brain lesions, so a network's P(NMOSD) on an empty map is no
+    evidence either way. A lesion volume below the 10th (above the 90th) percentile of every
+    training class is flagged too, since the model saw few maps like it."""
+    if features["n_lesions"] == 0:
+        return "no lesion of 24 mm³ or more: the model's output on such a map is not evidence"
+    load = (summary or {}).get("load") or {}
+    quantiles = (summary or {}).get("quantiles") or []
+    if not load or 0.1 not in quantiles or 0.9 not in quantiles:
+        return ""
+    lo = min(q["total_ml"][quantiles.index(0.1)] for q in load.values())
+    hi = max(q["total_ml"][quantiles.index(0.9)] for q in load.values())
+    ml = features["total_ml"]
+    if ml < lo:
+        return f"lesion volume {ml:.2g} ml, below the 10th percentile of every training class"
+    if ml > hi:
+        return f"lesion volume {ml:.3g} ml, above the 90th percentile of every training class"
+    return ""
 
 
 def _predict(bundle, subjects, out, saliency, occlusion_size, progress) -> pd.DataFrame:
@@ -185,6 +213,9 @@ def _predict(bundle, subjects, out, saliency, occlusion_size, progress) -> pd.Da
                 "prob_nmosd": mean,
                 "predicted": bundle.info.positive_class if mean >= bundle.info.threshold else "MS",
                 "lesion_source": prep.row["lesion_source"],
+                "n_lesions": int(prep.features["n_lesions"]),
+                "lesion_ml": round(float(prep.features["total_ml"]), 4),
+                "note": scope_note(prep.features, bundle.info.training.summary),
                 "segmentation": seg,
                 **({"saliency": sal} if saliency else {}),
                 "fold_spread": float(probs.std(ddof=1)) if len(probs) > 1 else math.nan,

@@ -25,7 +25,7 @@ def cohort_summary(cohort: PreparedCohort) -> dict:
 
 
 def summarise(diagnoses: list[str], features: pd.DataFrame, records: list[SpatialRecord]) -> dict:
-    """Counts per class, per-class quantiles of :data:`SUMMARY_FEATURES`, the voxel sizes
+    """Counts per class, maps without a lesion per class, per-class quantiles of :data:`SUMMARY_FEATURES`, the voxel sizes
     (median and range per axis, mm, sorted so that orientation does not matter) and the most
     common source grids, from each subject's diagnosis, lesion-load features (one row each, in
     the same order) and spatial record."""
@@ -43,8 +43,10 @@ def summarise(diagnoses: list[str], features: pd.DataFrame, records: list[Spatia
         zooms.append(sorted(np.sqrt((rec.affine[:3, :3] ** 2).sum(axis=0)).round(3)))
         grids["×".join(str(n) for n in sorted(rec.source_shape))] += 1
     z = np.asarray(zooms)
+    empty = features["n_lesions"].to_numpy(float) == 0
     return {
         "counts": {lab: int((dx == lab).sum()) for lab in LABELS},
+        "no_lesion": {lab: int((empty & (dx == lab)).sum()) for lab in LABELS},
         "quantiles": list(QUANTILES),
         "load": load,
         "voxel_mm": {
@@ -98,6 +100,15 @@ def describe_difference(training: dict, external: dict) -> list[str]:
             train = fmt.format(b) if b is not None else "n/a"
             parts.append(f"{lab} {fmt.format(a)} (training {train}{ratio})")
         out.append(f"{what[0].upper()}{what[1:]}: " + "; ".join(parts) + ".")
+    n_empty = sum(external.get("no_lesion", {}).values())
+    if n_empty:
+        seen = training.get("no_lesion")
+        out.append(
+            f"{n_empty} of {sum(external['counts'].values())} external maps hold no lesion of "
+            f"24 mm³ or more (training: {sum(seen.values()) if seen is not None else 'n/a'}); "
+            "a network's output on an empty map is no evidence (the paper enrolled only "
+            "patients with lesions)."
+        )
     same_vox = np.allclose(
         training["voxel_mm"]["median"], external["voxel_mm"]["median"], atol=0.05
     )
