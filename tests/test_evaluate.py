@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,7 +29,7 @@ from nmosd_ms.models.lesionload import (
     build_lesionload,
     lesionload_arrays,
 )
-from nmosd_ms.predict import predict_subjects
+from nmosd_ms.predict import PREDICTIONS, predict_subjects
 
 
 def test_lesionload_arrays_equal_sklearn():
@@ -331,6 +332,29 @@ def test_flair_only_subjects_are_segmented_and_bad_input_writes_nothing(
     ev = evaluate_cohort(load_bundle(bundle_dir), load_cohort(manifest, require_lesion_masks=False),
                          n_resamples=1000)  # fmt: skip
     assert (ev.predictions["lesion_source"] == "segmented").all()
+
+    # written: the masks it made, as predict writes them, named in the predictions table
+    rows[2] = rows[2] + str(picked[1].lesion_mask)  # the second subject brings its mask
+    manifest.write_text("\n".join(rows) + "\n")
+    cohort = load_cohort(manifest, require_lesion_masks=False)
+    ev = evaluate_cohort(load_bundle(bundle_dir), cohort, tmp_path / "w", n_resamples=1000)
+    pred = pd.read_csv(tmp_path / "w" / "predictions.tsv", sep="\t", keep_default_na=False)
+    assert pred["lesion_source"].tolist() == ["segmented", "given"]
+    made, given = pred["segmentation"].tolist()
+    assert given == "" and made.startswith("segmentations/sub-") and made.endswith("_mask.nii.gz")
+    seg = tmp_path / "w" / made
+    assert seg.with_name(seg.name.replace(".nii.gz", ".json")).is_file()
+    assert seg.with_name(seg.name.replace(".nii.gz", ".png")).is_file()
+    desc = json.loads((tmp_path / "w" / "segmentations" / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    solo = tmp_path / "solo.tsv"
+    solo.write_text(f"participant_id\tflair\n{picked[0].participant_id}\t{picked[0].flair}\n")
+    res = run_cli("predict", bundle_dir, "--manifest", solo, "--out", tmp_path / "p")
+    assert res.exit_code == 0, res.stderr
+    predicted = pd.read_csv(tmp_path / "p" / PREDICTIONS, sep="\t")["segmentation"].iloc[0]
+    np.testing.assert_array_equal(
+        nib.load(seg).get_fdata(), nib.load(tmp_path / "p" / predicted).get_fdata()
+    )
     broken = tmp_path / "broken.tsv"
     broken.write_text(rows[0] + f"\n{picked[0].participant_id}\tMS\t{tmp_path / 'none.nii.gz'}\t\n")
     out = tmp_path / "ev"

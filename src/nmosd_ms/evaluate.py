@@ -16,6 +16,10 @@ An evaluation folder holds::
     DIR/evaluation.json   everything above in one record, with the method and the cohort
                           differences; written last (a folder with it is complete)
     DIR/report/index.html the page, with its figures
+    DIR/segmentations/    the WMH masks made here for subjects without a lesion mask, as a BIDS
+                          derivative dataset (:mod:`nmosd_ms.derivatives`, as ``predict``
+                          writes them), for review; the predictions' ``segmentation`` column
+                          names each (relative to DIR)
 
 A cohort that shares participants or input files with the bundle's training cohort is refused
 (the leakage check) unless ``allow_overlap`` is given; the page then says so at the top.
@@ -32,7 +36,9 @@ import pandas as pd
 from .bundle import Bundle
 from .constants import LABELS, POSITIVE, __version__
 from .data.features import FEATURES
-from .data.ingest import Cohort, Subject
+from .data.ingest import Cohort, Subject, scan_key
+from .data.preprocess import PreparedSubject
+from .derivatives import DerivativeDataset
 from .errors import NmosdError
 from .evaluation.external import (
     BOOTSTRAP_METHOD,
@@ -45,7 +51,7 @@ from .evaluation.external import (
 from .io import inside, read_tsv, sha256_file, write_json, write_tsv
 from .locking import writing_folder
 from .models.lesionload import SHORTCUT_MODELS
-from .predict import prepare_for_bundle
+from .predict import prepare_for_bundle, save_segmentation
 
 __all__ = [
     "Evaluation",
@@ -63,6 +69,8 @@ RECORD = "evaluation.json"
 TABLES = ("predictions", "metrics", "comparison", "calibration", "roc")
 #: The threshold the lesion-load baselines call NMOSD at (their predict_proba >= 0.5).
 BASELINE_THRESHOLD = 0.5
+#: The BIDS derivative dataset of the WMH masks made here, inside the evaluation folder.
+SEGMENTATIONS = "segmentations"
 
 
 @dataclass
@@ -78,6 +86,8 @@ class Evaluation:
     record: dict
     path: Path | None = None
     figures: dict[str, Path] = field(default_factory=dict)
+    #: subjects segmented here, with what was prepared from them (their masks are written)
+    segmented: list[tuple[Subject, PreparedSubject]] = field(default_factory=list, repr=False)
 
     def value(self, model: str, metric: str) -> float:
         row = self.metrics[(self.metrics["model"] == model) & (self.metrics["metric"] == metric)]
@@ -230,6 +240,7 @@ def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, 
                 **({"session_id": s.session_id} if any(t.session_id for t in subjects) else {}),
                 "diagnosis": s.diagnosis,
                 "lesion_source": prep.row["lesion_source"],
+                "segmentation": "",  # filled in when the folder is written
                 "n_lesions": prep.features["n_lesions"],
                 "total_ml": prep.features["total_ml"],
                 "in_training": s.key in in_training,
@@ -302,7 +313,12 @@ def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, 
             ]
         ),
     }
-    return Evaluation(network, pd.DataFrame(rows), metrics, comparison, calib, roc, record)
+    segmented = [
+        (s, p) for s, p in zip(subjects, prepared, strict=True) if p.segmentation_bits is not None
+    ]
+    return Evaluation(
+        network, pd.DataFrame(rows), metrics, comparison, calib, roc, record, segmented=segmented
+    )
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -334,6 +350,24 @@ def read_tables(out_dir: str | Path) -> dict[str, pd.DataFrame] | None:
 def _write(ev: Evaluation, out: Path) -> None:
     from .report.external import write_page
 
+    if ev.segmented:
+        dataset = DerivativeDataset(
+            inside(out, SEGMENTATIONS),
+            "nmosd-ms segmentations",
+            "evaluate: the WMH masks it made for subjects without a lesion mask",
+        )
+        for s, _ in ev.segmented:
+            dataset.label(s.participant_id)  # two IDs that map to one label: refused
+        dataset.start()
+        made = {
+            s.key: f"{SEGMENTATIONS}/{save_segmentation(dataset, s, p)}" for s, p in ev.segmented
+        }
+        dataset.write_participants([s.participant_id for s, _ in ev.segmented])
+        sessions = ev.predictions.get("session_id", [""] * len(ev.predictions))
+        ev.predictions["segmentation"] = [
+            made.get(scan_key(pid, ses), "")
+            for pid, ses in zip(ev.predictions["participant_id"], sessions, strict=True)
+        ]
     tables = {name: getattr(ev, name) for name in TABLES}
     for name, table in tables.items():
         write_tsv(inside(out, f"{name}.tsv"), table)

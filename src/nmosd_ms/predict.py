@@ -237,6 +237,16 @@ def _predict(bundle, subjects, out, saliency, occlusion_size, progress) -> pd.Da
     return df
 
 
+def save_segmentation(dataset: DerivativeDataset, subject: Subject, prep: PreparedSubject) -> str:
+    """Write the WMH mask made for ``subject`` (its review montage and sidecar beside it) into
+    ``dataset``; returns its path relative to the dataset."""
+    relative = _relative(dataset, subject, "mask", space="orig", label="WMH")
+    mask = inside(dataset.root, relative)
+    prep.save_segmentation(mask)
+    dataset.sidecar(mask, wmh_sidecar(subject.flair, "nmosd-ms segment (defaults)"))
+    return relative
+
+
 def _relative(dataset, subject, suffix: str, **entities) -> str:
     path = dataset.path(subject.participant_id, subject.session_id, suffix, **entities)
     return path.relative_to(dataset.root).as_posix()
@@ -248,9 +258,7 @@ def _write(dataset, bundle, subjects, prepared, rows, maps, df) -> None:
     for s, prep, row in zip(subjects, prepared, rows, strict=True):
         source = s.flair or s.lesion_mask
         if row["segmentation"]:  # what the model saw, for review (+ PNG)
-            mask = inside(root, row["segmentation"])
-            prep.save_segmentation(mask)
-            dataset.sidecar(mask, wmh_sidecar(source, "nmosd-ms segment (defaults)"))
+            save_segmentation(dataset, s, prep)
         if row.get("saliency"):
             from .interpret import save_saliency
 
