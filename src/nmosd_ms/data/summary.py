@@ -25,10 +25,10 @@ def cohort_summary(cohort: PreparedCohort) -> dict:
 
 
 def summarise(diagnoses: list[str], features: pd.DataFrame, records: list[SpatialRecord]) -> dict:
-    """Counts per class, maps without a lesion per class, per-class quantiles of :data:`SUMMARY_FEATURES`, the voxel sizes
-    (median and range per axis, mm, sorted so that orientation does not matter) and the most
-    common source grids, from each subject's diagnosis, lesion-load features (one row each, in
-    the same order) and spatial record."""
+    """Counts per class, maps without a lesion per class, per-class quantiles of
+    :data:`SUMMARY_FEATURES`, the voxel sizes (median and range per axis, mm, sorted so that
+    orientation does not matter) and the most common source grids, from each subject's
+    diagnosis, lesion-load features (one row each, in the same order) and spatial record."""
     dx = np.asarray(diagnoses)
     load = {
         lab: {
