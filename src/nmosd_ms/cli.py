@@ -685,7 +685,8 @@ def predict(
     bundle = load_bundle(model_dir, device)
     with Bar("predict") as bar:
         df = predict_subjects(bundle, subjects, out_dir, saliency, occlusion_size, bar)
-    table = Table(title=f"{bundle.info.model} ({len(bundle.models)} fold models)")
+    n = len(bundle.models)
+    table = Table(title=f"{bundle.info.model} ({n} fold model{'s' if n != 1 else ''})")
     for col in ("participant_id", "P(NMOSD)", "predicted", "fold spread (SD)"):
         table.add_column(col)
     for _, r in df.iterrows():
