@@ -236,3 +236,6 @@ def test_an_empty_or_unusual_map_is_predicted_with_a_note(bundle_dir, phantom_co
     assert "90th" in scope_note({"n_lesions": 40, "total_ml": 45.0}, summary)
     assert scope_note({"n_lesions": 12, "total_ml": 1.5}, summary) == ""
     assert scope_note({"n_lesions": 12, "total_ml": 99.0}, None) == ""
+    empty = {"n_lesions": 0, "total_ml": 0.0}
+    assert "not evidence" in scope_note(empty, {**summary, "no_lesion": {"MS": 0, "NMOSD": 0}})
+    assert "as 3 maps" in scope_note(empty, {**summary, "no_lesion": {"MS": 0, "NMOSD": 3}})

@@ -161,11 +161,15 @@ def scope_note(features: dict, summary: dict | None) -> str:
     """Why a prediction from lesion-load ``features`` (``data.features``) lies outside what the
     bundle's training cohort (its ``summary``, :mod:`nmosd_ms.data.summary`) covered; "" if not.
 
-    A map with no lesion is flagged whatever the cohort: the paper, like the built-in cohort,
-    enrolled only patients with brain lesions, so a network's P(NMOSD) on an empty map is no
-    evidence either way. A lesion volume below the 10th (above the 90th) percentile of every
-    training class is flagged too, since the model saw few maps like it."""
+    A map with no lesion is always flagged: the paper, like the built-in cohort, enrolled only
+    patients with brain lesions, so a network trained on such a cohort says nothing on an empty
+    map (a cohort made with lesion-free subjects, which the summary counts, is named instead).
+    A lesion volume below the 10th (above the 90th) percentile of every training class is
+    flagged too, since the model saw few maps like it."""
     if features["n_lesions"] == 0:
+        seen = sum(((summary or {}).get("no_lesion") or {}).values())
+        if seen:
+            return f"no lesion of 24 mm³ or more (as {seen} maps of the training cohort)"
         return "no lesion of 24 mm³ or more: the model's output on such a map is not evidence"
     load = (summary or {}).get("load") or {}
     quantiles = (summary or {}).get("quantiles") or []
