@@ -21,6 +21,7 @@ from nmosd_ms.config import TrainConfig
 from nmosd_ms.data.cache import load_prepared, prepare
 from nmosd_ms.data.features import FEATURES
 from nmosd_ms.data.ingest import Cohort, load_cohort
+from nmosd_ms.errors import NmosdError
 from nmosd_ms.evaluate import evaluate_cohort
 from nmosd_ms.evaluation.external import bootstrap_metrics, calibration
 from nmosd_ms.models.lesionload import (
@@ -321,7 +322,7 @@ def test_phantom_site_is_validated(tmp_path):
 
 
 def test_flair_only_subjects_are_segmented_and_bad_input_writes_nothing(
-    bundle_dir, external, tmp_path
+    bundle_dir, external, tmp_path, monkeypatch
 ):
     subjects = load_cohort(external).subjects
     picked = [next(s for s in subjects if s.diagnosis == dx) for dx in ("MS", "NMOSD")]
@@ -355,6 +356,22 @@ def test_flair_only_subjects_are_segmented_and_bad_input_writes_nothing(
     np.testing.assert_array_equal(
         nib.load(seg).get_fdata(), nib.load(tmp_path / "p" / predicted).get_fdata()
     )
+    # two IDs that would share one BIDS label in segmentations/: refused before any work
+    clash = tmp_path / "clash.tsv"
+    clash.write_text(
+        rows[0] + f"\nsub-a.1\tMS\t{picked[0].flair}\t\nsub-a_1\tNMOSD\t{picked[1].flair}\t\n"
+    )
+    import nmosd_ms.evaluate as evaluate_module
+
+    def no_work(*args):
+        raise AssertionError("a subject was prepared before the IDs were checked")
+
+    monkeypatch.setattr(evaluate_module, "prepare_for_bundle", no_work)
+    with pytest.raises(NmosdError, match="would both be"):
+        evaluate_cohort(load_bundle(bundle_dir), load_cohort(clash, require_lesion_masks=False),
+                        tmp_path / "c", n_resamples=1000)  # fmt: skip
+    assert not (tmp_path / "c").exists()
+    monkeypatch.undo()
     broken = tmp_path / "broken.tsv"
     broken.write_text(rows[0] + f"\n{picked[0].participant_id}\tMS\t{tmp_path / 'none.nii.gz'}\t\n")
     out = tmp_path / "ev"

@@ -210,9 +210,25 @@ def evaluate_cohort(
     if (out / RECORD).exists():
         raise NmosdError(f"{out} already holds an evaluation; choose a new folder", option="out")
     with writing_folder(out, "evaluation folder"):
+        segmentations = _segmentations(out, subjects)  # before any work: IDs it refuses
         ev = _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, progress)
-        _write(ev, out)
+        _write(ev, out, segmentations)
     return ev
+
+
+def _segmentations(out: Path, subjects: list[Subject]) -> DerivativeDataset:
+    """The derivative dataset of the WMH masks this evaluation will make (for the subjects
+    without a lesion mask), their BIDS labels taken now: two IDs that would share a label are
+    refused before any subject is prepared, not after."""
+    dataset = DerivativeDataset(
+        inside(out, SEGMENTATIONS),
+        "nmosd-ms segmentations",
+        "evaluate: the WMH masks it made for subjects without a lesion mask",
+    )
+    for s in subjects:
+        if s.lesion_mask is None:
+            dataset.label(s.participant_id)
+    return dataset
 
 
 def _evaluate(bundle, cohort, subjects, overlap, n_resamples, confidence, seed, progress):
@@ -347,17 +363,10 @@ def read_tables(out_dir: str | Path) -> dict[str, pd.DataFrame] | None:
     return {name: read_tsv(inside(folder, f"{name}.tsv", action="read")) for name in TABLES}
 
 
-def _write(ev: Evaluation, out: Path) -> None:
+def _write(ev: Evaluation, out: Path, dataset: DerivativeDataset) -> None:
     from .report.external import write_page
 
     if ev.segmented:
-        dataset = DerivativeDataset(
-            inside(out, SEGMENTATIONS),
-            "nmosd-ms segmentations",
-            "evaluate: the WMH masks it made for subjects without a lesion mask",
-        )
-        for s, _ in ev.segmented:
-            dataset.label(s.participant_id)  # two IDs that map to one label: refused
         dataset.start()
         made = {
             s.key: f"{SEGMENTATIONS}/{save_segmentation(dataset, s, p)}" for s, p in ev.segmented
