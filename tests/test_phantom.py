@@ -185,7 +185,7 @@ def _real_ms_masks():
 
 def test_ms_lesion_frequency_matches_real_ms_patients():
     """Voxel-wise lesion frequency of 200 MS phantoms (`paper`) vs the 20 real MNI lesion
-    masks, both smoothed 4 mm. Measured 0.72 (the first generator: 0.57; the density the
+    masks, both smoothed 4 mm. Measured 0.757 (the first generator: 0.57; the density the
     generator places MS lesions with reaches 0.78 alone)."""
     from nilearn.image import resample_to_img
 
@@ -207,7 +207,7 @@ def test_ms_lesion_frequency_matches_real_ms_patients():
     b = ndimage.gaussian_filter(real_on_template, 2.0)[anat.brain]
     r = float(np.corrcoef(a, b)[0, 1])
     print(f"phantom vs real MS lesion-frequency map: Pearson r = {r:.3f}")
-    assert r >= 0.70
+    assert r >= 0.75
 
 
 def test_ms_load_matches_real_patients():
