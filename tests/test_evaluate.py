@@ -346,6 +346,10 @@ def test_flair_only_subjects_are_segmented_and_bad_input_writes_nothing(
     seg = tmp_path / "w" / made
     assert seg.with_name(seg.name.replace(".nii.gz", ".json")).is_file()
     assert seg.with_name(seg.name.replace(".nii.gz", ".png")).is_file()
+    page = (tmp_path / "w" / "report" / "index.html").read_text()
+    assert f'href="../{made}"' in page  # the page links what the network saw, for review
+    assert f'href="../{made.replace(".nii.gz", ".png")}"' in page
+    assert page.count("montage</a>") == 1  # only the subject segmented here
     desc = json.loads((tmp_path / "w" / "segmentations" / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     solo = tmp_path / "solo.tsv"

@@ -366,6 +366,7 @@ def read_tables(out_dir: str | Path) -> dict[str, pd.DataFrame] | None:
 def _write(ev: Evaluation, out: Path, dataset: DerivativeDataset) -> None:
     from .report.external import write_page
 
+    made: dict[str, str] = {}
     if ev.segmented:
         dataset.start()
         made = {
@@ -380,7 +381,7 @@ def _write(ev: Evaluation, out: Path, dataset: DerivativeDataset) -> None:
     tables = {name: getattr(ev, name) for name in TABLES}
     for name, table in tables.items():
         write_tsv(inside(out, f"{name}.tsv"), table)
-    files = [f"{name}.tsv" for name in tables] + [RECORD]
-    ev.figures = write_page(ev, inside(out, "report"), files)
+    files = [f"{name}.tsv" for name in tables] + [RECORD] + ([f"{SEGMENTATIONS}/"] if made else [])
+    ev.figures = write_page(ev, inside(out, "report"), files, made)
     ev.path = out
     write_json(inside(out, RECORD), _clean(ev.record))  # last: the folder is complete

@@ -171,9 +171,13 @@ def _summary_lines(ev) -> str:
     return text
 
 
-def write_page(ev, folder: Path, files: list[str]) -> dict[str, Path]:
+def write_page(
+    ev, folder: Path, files: list[str], segmentations: dict[str, str] | None = None
+) -> dict[str, Path]:
     """Write ``folder/index.html`` and its figures (``folder/figures``); returns the figures.
-    ``files`` names the tables written beside the folder (listed on the page)."""
+    ``files`` names the tables written beside the folder (listed on the page);
+    ``segmentations`` maps each subject segmented here to its mask's path beside the folder,
+    linked from the page with its review montage."""
     with atomic_dir(folder) as tmp:
         figdir = tmp / "figures"
         figs = {
@@ -182,11 +186,30 @@ def write_page(ev, folder: Path, files: list[str]) -> dict[str, Path]:
             "confusion": _confusion_figure(ev, figdir),
             "probabilities": _probability_figure(ev, figdir),
         }
-        write_text(tmp / "index.html", _page(ev, {k: v for k, v in figs.items() if v}, files))
+        page = _page(ev, {k: v for k, v in figs.items() if v}, files, segmentations or {})
+        write_text(tmp / "index.html", page)
     return {k: folder / "figures" / v.name for k, v in figs.items() if v}
 
 
-def _page(ev, figs: dict[str, Path], files: list[str]) -> str:
+def _segmentation_list(segmentations: dict[str, str]) -> str:
+    """Links to the WMH masks made here and their montages (paths relative to the page)."""
+    if not segmentations:
+        return ""
+    items = "".join(
+        f'<li>{_esc(key)}: <a href="../{_esc(mask)}">mask</a> · '
+        f'<a href="../{_esc(mask.replace(".nii.gz", ".png"))}">montage</a></li>'
+        for key, mask in segmentations.items()
+    )
+    return (
+        "<h2>Lesion masks made here</h2>"
+        f'<p class="note">{len(segmentations)} subject(s) came without a lesion mask; the '
+        "network saw the WMH masks below (nmosd-ms segment). Review them before trusting "
+        "those subjects' calls.</p>"
+        f"<ul>{items}</ul>"
+    )
+
+
+def _page(ev, figs: dict[str, Path], files: list[str], segmentations: dict[str, str]) -> str:
     r = ev.record
     overlap = r["overlap"]
     warn = ""
@@ -253,6 +276,7 @@ on this cohort; an intercept below 0 means NMOSD is predicted too often.</p>
 {_table_html(calib, "calibration")}
 {fig("reliability", "Reliability diagram: observed NMOSD share against the mean prediction per bin.")}
 {fig("probabilities", "The network's P(NMOSD) for every subject, by true diagnosis; the dotted line is the threshold.")}
+{_segmentation_list(segmentations)}
 <p class="note">Beside this folder: {_esc(", ".join(files))}.</p>
 </body></html>
 """
