@@ -8,11 +8,12 @@ leaves half a page.
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
+from ..data.preprocess import montage_path
 from ..io import atomic_dir, write_text
 from .build import CSS, _esc, _img, _table_html
 from .figures import COLORS, _save, plt
@@ -197,7 +198,7 @@ def _segmentation_list(segmentations: dict[str, str]) -> str:
         return ""
     items = "".join(
         f'<li>{_esc(key)}: <a href="../{_esc(mask)}">mask</a> · '
-        f'<a href="../{_esc(mask.replace(".nii.gz", ".png"))}">montage</a></li>'
+        f'<a href="../{_esc(montage_path(PurePosixPath(mask)).as_posix())}">montage</a></li>'
         for key, mask in segmentations.items()
     )
     return (
