@@ -187,6 +187,12 @@ def _ellipsoid_for_volume(volume, ratio, rng):
     return np.array([a, a / ratio, a / ratio * third])
 
 
+#: Lesions whose centres come from the white-matter density, confined to the white matter when
+#: painted: a centre drawn near the ventricles must not paint into the caudate or thalamus
+#: beside them (the phantom MS map then correlates 0.73 with the 20 real patients' map;
+#: confined, 0.76). Juxtacortical lesions keep their cortical edge.
+WHITE_MATTER_SITES = frozenset({"white_matter", "ms_periventricular"})
+
 #: NMOSD tract lesions (callosal, corticospinal) are long and thin at every volume: a small
 #: one is a thinner tube of this length, not a short blob.
 MIN_TRACT_MM = 15.0
@@ -228,12 +234,6 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
         c, _ = _point(anat, where, rng, volume)
         semi = _ellipsoid_for_volume(volume, rng.uniform(1.0, elongation), rng)
         les.ellipsoids.append((c, semi, _frame(rng.normal(size=3), rng)))
-        if site == "white_matter":
-            # confined to white matter: a centre drawn near the ventricles must not paint into
-            # the caudate or thalamus beside them (the phantom map then correlates 0.73 with
-            # the 20 real patients' map; confined, 0.76). Juxtacortical lesions keep their
-            # cortical edge.
-            les.clip = "supratentorial_wm"
     elif site.startswith("ms_"):
         region = {
             "ms_periventricular": "white_matter",
@@ -251,8 +251,6 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
         les.ellipsoids.append(
             (c, _ellipsoid_for_volume(volume, ratio, rng), _frame(direction, rng))
         )
-        if region == "white_matter":
-            les.clip = "supratentorial_wm"  # a white-matter lesion, as the shared ones
     elif site == "nmosd_lv_band":  # pencil-thin, hugging the ependyma, parallel to it
         c, v = _point(anat, "periependymal_lv", rng)
         g = anat.grad_lat[:, v[0], v[1], v[2]]
@@ -294,6 +292,8 @@ def make_lesion(anat: Anatomy, site: str, volume: float, rng, side: int = 0) -> 
         les.roughness, les.waves = 0.3, _waves(rng)
     else:  # pragma: no cover
         raise ValueError(site)
+    if site in WHITE_MATTER_SITES:
+        les.clip = "supratentorial_wm"
     return les
 
 
