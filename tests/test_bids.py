@@ -175,6 +175,15 @@ def test_the_sessions_dataset_is_valid_bids(two_sessions):
     assert bids_errors(two_sessions) == []
 
 
+@pytest.mark.parametrize("name", ["sub-1_mask.nii.gz", "sub-1_mask.nii"])
+def test_montage_and_sidecar_are_named_beside_the_image_whatever_its_extension(name):
+    from nmosd_ms.derivatives import montage_path, sidecar_path
+
+    image = Path("out/sub-1/anat") / name
+    assert montage_path(image) == Path("out/sub-1/anat/sub-1_mask.png")
+    assert sidecar_path(image) == Path("out/sub-1/anat/sub-1_mask.json")
+
+
 def test_segment_writes_a_valid_derivative_dataset(two_sessions, tmp_path):
     out = tmp_path / "wmh"
     flair = next((two_sessions / "sub-001" / "ses-02" / "anat").glob("*acq-3D_FLAIR.nii.gz"))

@@ -165,6 +165,14 @@ def test_segment_missing_masks_are_recorded(tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads((tmp_path / "cache" / "prepare.json").read_text())
     assert summary["reused"] == 0 and summary["params"]["segment_drop_symmetric"]
+    # the new mask keeps its sidecar and montage; the old one's three files are gone
+    index = pd.read_csv(tmp_path / "cache" / "index.tsv", sep="\t").fillna("")
+    new = dict(zip(index["participant_id"], index["segmentation"], strict=True))["sub-02"]
+    assert new != files["sub-02"]
+    for rel, present in ((new, True), (files["sub-02"], False)):
+        for suffix in (".nii.gz", ".json", ".png"):
+            path = tmp_path / "cache" / rel.replace(".nii.gz", suffix)
+            assert path.is_file() == present, path
 
 
 def test_bids_subject_without_mask_points_to_segment_missing(phantom_cohort, tmp_path):

@@ -36,6 +36,22 @@ DESCRIPTION_FILES = ("dataset_description.json", "README.md", ".bidsignore", "pa
 TABLES = "phenotype"
 _LABEL = re.compile(r"[A-Za-z0-9]+")
 
+
+def montage_path(image: Path) -> Path:
+    """The review montage of ``image``: ``<name>.png`` beside ``<name>.nii[.gz]`` (a WMH mask or a
+    saliency map). The one rule for that name: the writers and the pages that link to it use it."""
+    return _beside(image, ".png")
+
+
+def sidecar_path(image: Path) -> Path:
+    """The JSON sidecar of ``image``: ``<name>.json`` beside ``<name>.nii[.gz]``."""
+    return _beside(image, ".json")
+
+
+def _beside(image: Path, extension: str) -> Path:
+    return image.with_name(image.name.removesuffix(".gz").removesuffix(".nii") + extension)
+
+
 README = """# {name}
 
 A BIDS derivative dataset written by nmosd-ms {version} ({what}).
@@ -129,7 +145,7 @@ class DerivativeDataset:
 
     def sidecar(self, image: Path, fields: dict) -> Path:
         """The JSON sidecar of ``image`` (same name, ``.json``)."""
-        path = image.with_name(image.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+        path = sidecar_path(image)
         write_json(inside(self.root, path.relative_to(self.root)), fields)
         return path
 

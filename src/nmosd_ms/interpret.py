@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import nifti
+from .derivatives import montage_path
 from .io import atomic_path
 from .spatial import to_canonical, to_native
 from .viz import axial_montage
@@ -107,7 +108,7 @@ def save_saliency(nii: Path, subject, prepared, saliency: np.ndarray) -> tuple[P
         img = nib.Nifti1Image(data.astype(np.float32), affine)
         img.header.set_xyzt_units("mm")
         nib.save(img, str(tmp))
-    png = nii.with_name(nii.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+    png = montage_path(nii)
     _montage(png, subject, prepared, data, affine)
     return nii, png
 

@@ -41,6 +41,13 @@ import pandas as pd
 
 from ..config import PrepareConfig
 from ..constants import LABELS, __version__
+from ..derivatives import (
+    DESCRIPTION_FILES,
+    DerivativeDataset,
+    montage_path,
+    sidecar_path,
+    wmh_sidecar,
+)
 from ..errors import NmosdError
 from ..io import (
     inside,
@@ -56,7 +63,7 @@ from ..locking import check_own_folder, writing_folder
 from ..spatial import SpatialRecord
 from .features import FEATURES
 from .ingest import Cohort, Subject, scan_key, validate_participant_id
-from .preprocess import PreparedSubject, montage_path, prepare_subject
+from .preprocess import PreparedSubject, prepare_subject
 
 Progress = Callable[[int, int], None]
 
@@ -236,8 +243,6 @@ def _save_segmentation(out: Path, subject: Subject, key: str, prepared: Prepared
     """Write the WMH mask made for ``subject`` into the cache's derivative dataset, named by
     BIDS entities and ``desc-<key>`` (so a mask made differently never overwrites it); returns
     its path relative to the cache."""
-    from ..derivatives import DerivativeDataset, wmh_sidecar
-
     dataset = DerivativeDataset(
         out / SEGMENTATIONS, "nmosd-ms WMH segmentations", "prepare --segment-missing"
     ).start()
@@ -254,10 +259,7 @@ def _remove_unreferenced(out: Path, index: pd.DataFrame, previous: dict[str, dic
     keep = set(index["array"]) | {a.removesuffix(".npy") + ".json" for a in index["array"]}
     for seg in index["segmentation"]:
         if seg:
-            sidecar = seg.removesuffix(".gz").removesuffix(".nii") + ".json"
-            keep |= {seg, montage_path(Path(seg)).as_posix(), sidecar}
-    from ..derivatives import DESCRIPTION_FILES
-
+            keep |= {seg, montage_path(Path(seg)).as_posix(), sidecar_path(Path(seg)).as_posix()}
     keep |= {f"{SEGMENTATIONS}/{name}" for name in DESCRIPTION_FILES}
     stale = [
         p.relative_to(out).as_posix()

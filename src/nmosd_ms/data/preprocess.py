@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import nifti
 from ..config import PrepareConfig
+from ..derivatives import montage_path
 from ..errors import NmosdError
 from ..io import write_bytes
 from ..spatial import SpatialRecord, crop_box, head_mask, resize, to_canonical
@@ -50,11 +51,6 @@ class PreparedSubject:
         png = montage_path(path)
         write_bytes(png, self.segmentation_png)
         return png
-
-
-def montage_path(mask_path: Path) -> Path:
-    """``<id>_wmh.png`` beside ``<id>_wmh.nii.gz``."""
-    return mask_path.with_name(mask_path.name.removesuffix(".gz").removesuffix(".nii") + ".png")
 
 
 def _normalise_flair(flair: np.ndarray, fg: np.ndarray | None) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from ..data.preprocess import montage_path
+from ..derivatives import montage_path
 from ..io import atomic_dir, write_text
 from .build import CSS, _esc, _img, _table_html
 from .figures import COLORS, _save, plt

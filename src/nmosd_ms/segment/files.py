@@ -96,7 +96,7 @@ def segment_file(
 def _segment_into_dataset(flair, root, brain_mask, config, skull_stripped, pid, ses):
     import re
 
-    from ..derivatives import DerivativeDataset, wmh_sidecar
+    from ..derivatives import DerivativeDataset, montage_path, wmh_sidecar
     from ..ids import validate_participant_id, validate_session_id
     from ..locking import writing_folder
 
@@ -118,7 +118,7 @@ def _segment_into_dataset(flair, root, brain_mask, config, skull_stripped, pid, 
         raise NmosdError(f"{mask} exists; it is never overwritten", option="out")
     with writing_folder(root, "segmentation dataset"):
         dataset.start()
-        png = mask.with_name(mask.name.removesuffix(".nii.gz") + ".png")
+        png = montage_path(mask)
         mask.parent.mkdir(parents=True, exist_ok=True)
         result = segment_file(flair, mask, brain_mask, config, skull_stripped, png)
         dataset.sidecar(mask, wmh_sidecar(flair, f"nmosd-ms segment {_options(config)}"))
