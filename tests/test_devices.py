@@ -63,3 +63,21 @@ def test_each_fold_records_its_device(small_run):
 
     records = [json.loads(p.read_text()) for p in (small_run / "folds").rglob("fold-*.json")]
     assert records and all("device" in r and r["device"]["name"] for r in records)
+
+
+def test_torch_threads_sets_the_number_for_the_block_and_restores_it():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with loop.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), loop.torch_threads(1):
+            raise RuntimeError("a failing fold")
+        assert torch.get_num_threads() == 2  # restored after an error too
+        with loop.torch_threads(0):
+            assert torch.get_num_threads() == 2  # 0 leaves torch's setting
+        with pytest.raises(ValueError, match="threads"), loop.torch_threads(-1):
+            pass
+    finally:
+        torch.set_num_threads(before)

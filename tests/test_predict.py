@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 
@@ -137,20 +138,36 @@ def test_predict_bad_inputs(bundle_dir, tmp_path):
     )
 
 
-def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path):
-    res = run_cli(
-        "fit",
-        prepared_small,
-        "--model",
-        "twoview-18",
-        "--out",
-        tmp_path / "m",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
+def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path, monkeypatch):
+    from nmosd_ms.training import loop
+
+    seen, train = [], loop.train_torch_fold
+    monkeypatch.setattr(
+        loop,
+        "train_torch_fold",
+        lambda *a, **k: seen.append(torch.get_num_threads()) or train(*a, **k),
     )
-    assert res.exit_code == 0, res.stderr
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = run_cli(
+            "fit",
+            prepared_small,
+            "--model",
+            "twoview-18",
+            "--out",
+            tmp_path / "m",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        )
+        assert res.exit_code == 0, res.stderr
+        assert seen == [1] and torch.get_num_threads() == 2  # trained with 1, then restored
+    finally:
+        torch.set_num_threads(before)
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     assert len(info["files"]) == 1 and "whole cohort" in info["training"]["kind"]
     assert "not estimated" in (tmp_path / "m" / "MODEL_CARD.md").read_text()

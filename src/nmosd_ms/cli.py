@@ -171,6 +171,11 @@ class Bar:
         )
 
 
+#: Torch threads of a command that trains one model (``fit``, ``pretrain``); ``cv`` has its own
+#: per-fold rule.
+Threads = Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default)")]
+
+
 #: Library parameter names whose flag is not ``--`` + the name with dashes.
 FLAGS = {
     "model_sizes": "--model-size",
@@ -605,6 +610,7 @@ def fit(
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[Device, typer.Option(help="where the model trains")] = "auto",
+    threads: Threads = 0,
     config_values: dict | None = None,
     config_given: set | None = None,
 ):
@@ -618,7 +624,9 @@ def fit(
         values = {**base.model_dump(), **{k: config_values[k] for k in config_given}}
     train = TrainConfig(**values)
     _precision_note(train.precision, device)
-    path = fit_bundle(cache_dir, model, out_dir, train, seed=seed, device=device, size=size)
+    path = fit_bundle(
+        cache_dir, model, out_dir, train, seed=seed, device=device, size=size, threads=threads
+    )
     out.print(f"bundle: {path} (fitted on the whole cohort; performance: see nmosd-ms cv)")
 
 
@@ -631,7 +639,7 @@ def pretrain(
     model: Annotated[str, typer.Option(help="the network the weights are for")] = "twoview-18",
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[Device, typer.Option(help="where the model trains")] = "auto",
-    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default)")] = 0,
+    threads: Threads = 0,
     config_values: dict | None = None,
     config_given: set | None = None,
 ):

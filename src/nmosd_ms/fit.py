@@ -42,6 +42,7 @@ def fit_bundle(
     seed: int = 0,
     device: str = "auto",
     size: int | None = None,
+    threads: int = 0,
 ) -> Path:
     """Train ``model`` on the whole prepared cohort and write it as a new bundle.
 
@@ -62,6 +63,9 @@ def fit_bundle(
     device : {"auto", "cpu", "cuda"}
     size : int, optional
         The network's input size (default: the cache's), as ``cv``'s model sizes.
+    threads : int
+        Torch threads while it trains (0: torch's setting); restored afterwards. Not recorded:
+        it changes the time, and on a CPU the last bits of the weights, not the recipe.
     """
     spec = fittable_spec(model)
     out = Path(out_dir)
@@ -82,7 +86,8 @@ def fit_bundle(
     vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None]))
     idx = np.arange(len(cohort.ids))
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
-    res = loop.train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
+    with loop.torch_threads(threads):
+        res = loop.train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
     name = "weights/full.safetensors"
     record, baselines = cohort_record(cohort, seed)
     training = {

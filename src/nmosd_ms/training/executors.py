@@ -23,7 +23,7 @@ import torch
 
 from ..config import TrainConfig
 from ..models import get_spec
-from .loop import FoldOutput, train_sklearn_fold, train_torch_fold
+from .loop import FoldOutput, torch_threads, train_sklearn_fold, train_torch_fold
 from .plan import FoldTask
 
 OnDone = Callable[[FoldTask, FoldOutput], None]
@@ -58,10 +58,7 @@ def run_fold_task(
 ) -> FoldOutput:
     """Train and evaluate one fold (the unit of work of every executor) with ``threads`` torch
     threads (0: leave torch's setting)."""
-    previous = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         if get_spec(task.model).is_torch:
             torch.use_deterministic_algorithms(True, warn_only=True)
             vols = torch.from_numpy(np.ascontiguousarray(volumes))
@@ -79,8 +76,6 @@ def run_fold_task(
         return train_sklearn_fold(
             task.model, features, labels, task.train_idx, task.test_idx, task.seed
         )
-    finally:
-        torch.set_num_threads(previous)
 
 
 class LocalExecutor:

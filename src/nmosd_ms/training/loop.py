@@ -61,6 +61,22 @@ def resolve_device(device: str, check: bool = True) -> torch.device:
     return torch.device(device)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch threads (0: leave torch's setting), and restore the
+    previous number after it: ``cv``'s folds, ``fit`` and ``pretrain`` share this rule, and a
+    notebook that calls them keeps its own setting."""
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (torch's setting) or more, not {threads}")
+    previous = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 assert set(AUTOCAST_DTYPES) | {"fp32"} == set(typing.get_args(Precision))
 

@@ -43,7 +43,7 @@ from ..locking import writing_folder
 from ..models import get_spec
 from ..records import PretrainRecord, load_record
 from .augment import augmented_batch
-from .loop import _autocast, prepare_device, resolve_device
+from .loop import _autocast, prepare_device, resolve_device, torch_threads
 
 WEIGHTS_NAME = "weights.safetensors"
 #: The ``tool`` entry of a prior's safetensors metadata.
@@ -108,9 +108,8 @@ def pretrain_weights(
     with writing_folder(out, "pretraining folder"):
         weights_path = inside(out, WEIGHTS_NAME)
         record_path = inside(out, RECORD_NAME)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        state, curve = _train(spec.name, cohort.volumes, size, config, seed, dev)
+        with torch_threads(threads):
+            state, curve = _train(spec.name, cohort.volumes, size, config, seed, dev)
         # The weights are marked as a prior and land last: weights without their record (a
         # killed writer, a copied file) are refused by pretraining_record, never used unchecked.
         with atomic_path(weights_path) as tmp:
