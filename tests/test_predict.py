@@ -147,9 +147,7 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
         "train_torch_fold",
         lambda *a, **k: seen.append(torch.get_num_threads()) or train(*a, **k),
     )
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with loop.torch_threads(2):  # tested on its own in test_devices
         res = run_cli(
             "fit",
             prepared_small,
@@ -166,8 +164,6 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
         )
         assert res.exit_code == 0, res.stderr
         assert seen == [1] and torch.get_num_threads() == 2  # trained with 1, then restored
-    finally:
-        torch.set_num_threads(before)
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     assert len(info["files"]) == 1 and "whole cohort" in info["training"]["kind"]
     assert "not estimated" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
