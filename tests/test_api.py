@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 import subprocess
 import sys
@@ -305,6 +306,8 @@ def test_executors_share_one_interface(prepared_small):
 def test_predict_arrays_equals_predict_on_files(small_run, phantom_cohort, tmp_path):
     bundle = nm.load_bundle(nm.export_bundle(small_run, "twoview-18", tmp_path / "b"))
     assert isinstance(bundle.info, nm.BundleInfo) and bundle.info.format == "nmosd-ms-bundle/2"
+    run_env = json.loads((small_run / "run.json").read_text())["environment"]
+    assert bundle.info.training.environment.model_dump() == run_env  # the run's, carried over
     subject = nm.load_bids(phantom_cohort).subjects[0]
     table = nm.predict_subjects(bundle, [subject])
 

@@ -184,6 +184,24 @@ def test_montage_and_sidecar_are_named_beside_the_image_whatever_its_extension(n
     assert sidecar_path(image) == Path("out/sub-1/anat/sub-1_mask.json")
 
 
+@pytest.mark.parametrize(
+    "name, ids",
+    [
+        ("sub-01_ses-02_acq-3D_FLAIR.nii.gz", ("sub-01", "ses-02")),
+        ("sub-A1_FLAIR.nii", ("sub-A1", "")),
+        ("sub-01_run-1_FLAIR.nii.gz", ("sub-01", "")),
+        ("flair_sub-7_ses-b.nii.gz", ("sub-7", "ses-b")),
+        ("FLAIR.nii.gz", None),
+        ("nosub-01_FLAIR.nii.gz", None),
+    ],
+)
+def test_the_ids_a_bids_file_name_carries(name, ids):
+    """What `segment --out FOLDER` names a mask for when no participant is given."""
+    from nmosd_ms.ids import ids_in_bids_name
+
+    assert ids_in_bids_name(name) == ids
+
+
 def test_segment_writes_a_valid_derivative_dataset(two_sessions, tmp_path):
     out = tmp_path / "wmh"
     flair = next((two_sessions / "sub-001" / "ses-02" / "anat").glob("*acq-3D_FLAIR.nii.gz"))

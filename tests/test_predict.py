@@ -166,6 +166,10 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
         assert seen == [1] and torch.get_num_threads() == 2  # trained with 1, then restored
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     assert len(info["files"]) == 1 and "whole cohort" in info["training"]["kind"]
+    env = info["training"]["environment"]  # provenance: what it trained with
+    assert (
+        env["torch_threads"] == 1 and env["device"] == "cpu" and env["torch"] == torch.__version__
+    )
     assert "not estimated" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
     subject = load_bids(phantom_cohort).subjects[0]
     df = predict_subjects(load_bundle(tmp_path / "m"), [subject])

@@ -190,10 +190,15 @@ def test_pretrain_cli_refuses_bad_input(other_cache, tmp_path):
 
 def test_pretrain_cli_writes_the_folder(other_cache, tmp_path):
     out = tmp_path / "prior"
-    res = run_cli("pretrain", other_cache, "--out", out, "--epochs", "1", "--threads", "1")
+    res = run_cli(
+        "pretrain", other_cache, "--out", out, "--epochs", "1", "--threads", "1", "--device", "cpu"
+    )
     assert res.exit_code == 0, res.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "pretrain.json",
         "weights.safetensors",
     ]
-    assert np.isfinite(json.loads((out / "pretrain.json").read_text())["curve"][0]["loss"])
+    record = json.loads((out / "pretrain.json").read_text())
+    assert np.isfinite(record["curve"][0]["loss"])
+    assert record["environment"]["torch_threads"] == 1  # the threads it trained with
+    assert record["environment"]["device"] == "cpu"

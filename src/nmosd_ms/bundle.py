@@ -41,7 +41,7 @@ from .io import (
 from .models import get_spec
 from .models.lesionload import LesionLoadModel
 from .models.weights import load_model_file
-from .records import MAX_SIZE, MIN_SIZE, validate_record
+from .records import MAX_SIZE, MIN_SIZE, Environment, validate_record
 
 FORMAT = "nmosd-ms-bundle/2"
 CARD_NAME = "MODEL_CARD.md"
@@ -99,6 +99,11 @@ class TrainingRecord(_Record):
     )
     pretraining: PriorReference | None = Field(
         None, description="the prior the weights started from (nmosd-ms pretrain), if any"
+    )
+    environment: Environment | None = Field(
+        None,
+        description="where the weights were computed: device, torch threads, versions (a cv "
+        "run's last writer's for exported folds; none in bundles older than this field)",
     )
 
 
@@ -412,6 +417,7 @@ def export_bundle(
         "participant_ids": sorted(set(run.splits["participant_id"].astype(str))),
         **record,
         "pretraining": run.meta["models"][model].get("pretraining"),
+        "environment": run.meta.get("environment"),
     }
     info = make_info(model, size, opts["prepare"], training, files, metrics)
     return write_bundle(out, info, weights, baselines)

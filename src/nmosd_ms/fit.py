@@ -64,8 +64,9 @@ def fit_bundle(
     size : int, optional
         The network's input size (default: the cache's), as ``cv``'s model sizes.
     threads : int
-        Torch threads while it trains (0: torch's setting); restored afterwards. Not recorded:
-        it changes the time, and on a CPU the last bits of the weights, not the recipe.
+        Torch threads while it trains (0: torch's setting); restored afterwards. Recorded in
+        the bundle's ``training.environment`` with the device and versions (it changes the time
+        and, on a CPU, the last bits of the weights, not the recipe).
     """
     spec = fittable_spec(model)
     out = Path(out_dir)
@@ -87,6 +88,7 @@ def fit_bundle(
     idx = np.arange(len(cohort.ids))
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
     with loop.torch_threads(threads):
+        environment = loop.environment(loop.resolve_device(device))  # with the threads it uses
         res = loop.train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
     name = "weights/full.safetensors"
     record, baselines = cohort_record(cohort, seed)
@@ -101,6 +103,7 @@ def fit_bundle(
         "source": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
         **record,
         "pretraining": prior_reference(prior),
+        "environment": environment,
     }
     files = [{"file": name, "sha256": PLACEHOLDER_SHA}]  # the real digest is set when written
     info = make_info(model, size, cohort.params, training, files)

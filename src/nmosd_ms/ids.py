@@ -51,6 +51,17 @@ def validate_session_id(session_id: str, participant_id: str = "") -> str:
     return session_id
 
 
+def ids_in_bids_name(name: str) -> tuple[str, str] | None:
+    """The participant and session a BIDS file name carries: ``sub-01_ses-02_FLAIR.nii.gz`` ->
+    ``("sub-01", "ses-02")``, ``sub-01_FLAIR.nii.gz`` -> ``("sub-01", "")``; None without a
+    ``sub-<label>`` entity. The labels still need :func:`validate_participant_id`."""
+    found = re.search(rf"(?:^|_)({_BIDS_SUBJECT.pattern})", name)
+    if found is None:
+        return None
+    session = re.search(rf"_({_BIDS_SESSION.pattern})", name)
+    return found.group(1), session.group(1) if session else ""
+
+
 def scan_key(participant_id: str, session_id: str = "") -> str:
     """``sub-01`` + ``ses-02`` -> ``sub-01_ses-02`` (the participant alone without a session)."""
     return f"{participant_id}_{session_id}" if session_id else participant_id

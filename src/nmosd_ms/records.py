@@ -88,6 +88,7 @@ class PretrainRecord(_Record):
     input_sha256: list[str]
     weights_sha256: str
     curve: list[dict[str, float]] = Field(default_factory=list)
+    environment: Environment | None = None  # device, torch threads, versions (not the recipe)
 
 
 def _first_error(exc: ValidationError) -> str:

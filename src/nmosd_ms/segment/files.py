@@ -11,8 +11,11 @@ import numpy as np
 
 from .. import nifti
 from ..config import SegmentConfig
+from ..derivatives import DerivativeDataset, montage_path, wmh_sidecar
 from ..errors import NmosdError
+from ..ids import ids_in_bids_name, validate_participant_id, validate_session_id
 from ..io import write_bytes
+from ..locking import writing_folder
 from .wmh import segment_wmh
 
 NIFTI = (".nii", ".nii.gz")
@@ -94,23 +97,16 @@ def segment_file(
 
 
 def _segment_into_dataset(flair, root, brain_mask, config, skull_stripped, pid, ses):
-    import re
-
-    from ..derivatives import DerivativeDataset, montage_path, wmh_sidecar
-    from ..ids import validate_participant_id, validate_session_id
-    from ..locking import writing_folder
-
     name = flair.name
     if pid is None:
-        found = re.search(r"(?:^|_)(sub-[A-Za-z0-9]+)", name)
+        found = ids_in_bids_name(name)
         if found is None:
             raise NmosdError(
                 f"{name} is not named as BIDS (sub-<label>_...): give the participant's ID",
                 option="participant_id",
             )
-        pid = found.group(1)
-        found = re.search(r"_(ses-[A-Za-z0-9]+)", name)
-        ses = ses or (found.group(1) if found else "")
+        pid, named_session = found
+        ses = ses or named_session
     validate_session_id(ses, validate_participant_id(pid))
     dataset = DerivativeDataset(root, "nmosd-ms WMH segmentations", "nmosd-ms segment")
     mask = dataset.path(pid, ses, "mask", space="orig", label="WMH")

@@ -9,17 +9,13 @@ writers with the same options may share one folder, each fold trained once).
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import CVConfig
-from ..constants import __version__
 from ..data.cache import PreparedCohort, load_prepared
 from ..data.features import FEATURES
 from ..data.ingest import check_trainable
@@ -29,7 +25,7 @@ from ..models import get_spec, model_weights
 from ..models.complexity import count_flops, count_parameters
 from ..spatial import resize
 from .executors import FoldInputs, LocalExecutor, make_executor
-from .loop import FoldOutput, resolve_device
+from .loop import FoldOutput, environment, resolve_device
 from .plan import FoldTask, check_no_leak, plan_splits, plan_tasks, splits_frame
 from .pretrain import check_pretraining, prior_reference
 from .runfolder import DETERMINISTIC_COLUMNS, RunFolder, now
@@ -37,29 +33,6 @@ from .runfolder import DETERMINISTIC_COLUMNS, RunFolder, now
 __all__ = ["DETERMINISTIC_COLUMNS", "run_cv"]
 
 Progress = Callable[[int, int, str], None]
-
-
-def _environment(device: torch.device) -> dict:
-    import monai
-    import sklearn
-
-    return {
-        "nmosd_ms": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "scikit_learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        # the client's (folds record their own device); CUDA is queried only where the folds
-        # run here, so a client of remote workers never initialises it
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda" and torch.cuda.is_available()
-        else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def _model_info(name: str, size: int, default_weights: str, prior=None) -> dict:
@@ -219,7 +192,8 @@ def run_cv(
             meta = folder.open(writer, options, splits, new_models, sizes, cohort_record)
             if not collect:  # the last writer's (a collect step trains nothing)
                 meta["executor"] = {**executor.describe(), "shard": list(shard or ())}
-                meta["environment"] = _environment(dev)
+                # the client's (folds record their own device)
+                meta["environment"] = environment(dev)
             folder.write_meta(meta)
         created = False  # a run folder now: kept whatever happens next
         tasks = plan_tasks(plan, list(models), sizes, config.seed)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import platform
 import resource
 import socket
 import time
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from ..config import Precision, TrainConfig
-from ..constants import THRESHOLD
+from ..constants import THRESHOLD, __version__
 from ..models import get_spec, model_weights
 from .augment import augmented_batch
 
@@ -41,6 +43,32 @@ class FoldOutput:
     n_fit: int | None = None  # subjects the model was fitted on (training part less inner-val)
     device: str = "cpu"  # where it ran (resolved on the worker that trained it)
     host: str = ""
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what weights are being computed (the record's ``environment``: versions,
+    platform, device, torch's threads now). It changes the time and, on a CPU, the last bits of
+    the weights, not the recipe; cv's ``run.json``, fit's bundle and pretrain's record keep it.
+    CUDA is queried only for a CUDA ``device``, so a client of remote workers never
+    initialises it."""
+    import monai
+    import sklearn
+
+    return {
+        "nmosd_ms": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "scikit_learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda" and torch.cuda.is_available()
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def resolve_device(device: str, check: bool = True) -> torch.device:

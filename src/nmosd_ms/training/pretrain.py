@@ -43,7 +43,7 @@ from ..locking import writing_folder
 from ..models import get_spec
 from ..records import PretrainRecord, load_record
 from .augment import augmented_batch
-from .loop import _autocast, prepare_device, resolve_device, torch_threads
+from .loop import _autocast, environment, prepare_device, resolve_device, torch_threads
 
 WEIGHTS_NAME = "weights.safetensors"
 #: The ``tool`` entry of a prior's safetensors metadata.
@@ -86,7 +86,8 @@ def pretrain_weights(
         Seed of the initialisation, the batches and the augmentation.
     device : {"auto", "cpu", "cuda"}
     threads : int
-        Torch threads (0: torch's default).
+        Torch threads (0: torch's default); restored afterwards. Recorded in the record's
+        ``environment`` with the device and versions.
     """
     config = config or PretrainConfig()
     spec = get_spec(model)
@@ -110,6 +111,7 @@ def pretrain_weights(
         record_path = inside(out, RECORD_NAME)
         with torch_threads(threads):
             state, curve = _train(spec.name, cohort.volumes, size, config, seed, dev)
+            host = environment(dev)
         # The weights are marked as a prior and land last: weights without their record (a
         # killed writer, a copied file) are refused by pretraining_record, never used unchecked.
         with atomic_path(weights_path) as tmp:
@@ -126,6 +128,7 @@ def pretrain_weights(
                 **cohort.inputs,
                 weights_sha256=sha256_file(tmp),
                 curve=curve,
+                environment=host,
             )
             write_json(record_path, record.model_dump(mode="json"))
     return out
