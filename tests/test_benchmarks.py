@@ -216,3 +216,27 @@ def test_sample_size_refuses_bad_input_in_one_line(prepared_small, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), args
     assert not (tmp_path / "out").exists()
+
+
+def test_segment_phantoms_measures_what_the_symmetry_step_removes(phantom_cohort, tmp_path):
+    """Per subject: the true volume is the one the phantom drew (participants.tsv), step 7 only
+    removes, and what it removed splits into lesion and not; a bilateral corticospinal pair under
+    2 ml a side is removed whole, a one-sided lesion is kept; the summary counts both."""
+    module = load_benchmark("segment_phantoms")
+    table = module.segment_cohort(phantom_cohort, n=3)
+    drawn = pd.read_csv(phantom_cohort / "participants.tsv", sep="\t").set_index("participant_id")
+    assert len(table) == 3
+    for r in table.itertuples():
+        assert r.true_ml == pytest.approx(drawn.loc[r.participant_id, "lesion_ml"], abs=0.01)
+        assert r.found_without_step7_ml == pytest.approx(r.found_ml + r.removed_ml)
+        assert 0 <= r.removed_lesion_ml <= r.removed_ml and 0 <= r.dice <= 1
+    cst = module.cst_recall(spans=((0.25, 0.65),), radii=(3.0,))
+    both, right = (cst.set_index("sides").loc[s] for s in ("both", "right"))
+    assert both.ml_a_side < 2 and both.recall_without_step7 > 0.9 and both.recall < 0.1
+    assert right.recall_without_step7 > 0.9 and right.recall > 0.9
+    text = module.summary(table, cst)
+    assert "under 2 ml a side: 1, of which step 7 removed (recall < 0.1) 1" in text
+    res = run_benchmark("segment_phantoms", phantom_cohort, "--parts", "x")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error:")
+    res = run_benchmark("segment_phantoms", tmp_path / "missing", "--parts", "cohort")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error:")

@@ -170,7 +170,8 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
     assert (
         env["torch_threads"] == 1 and env["device"] == "cpu" and env["torch"] == torch.__version__
     )
-    assert "not estimated" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    assert "not estimated" in card and "1 torch thread(s)" in card
     subject = load_bids(phantom_cohort).subjects[0]
     df = predict_subjects(load_bundle(tmp_path / "m"), [subject])
     assert 0 <= df["prob_nmosd"].iloc[0] <= 1

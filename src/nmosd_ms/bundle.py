@@ -457,6 +457,7 @@ CARD = """# Model card: {name}
 - Lesion maps: {lesion_source}
 - Source: {source}. Weights: {kind}.
 - Training options: {train}
+- Computed on: {environment}
 - Lesion-load baselines fitted on the whole cohort (for `nmosd-ms evaluate` on other cohorts):
   {baselines}
 
@@ -501,6 +502,14 @@ def model_card(info: BundleInfo) -> str:
         else "not recorded (a run written before nmosd-ms recorded it)."
     )
     train = ", ".join(f"{k}={v}" for k, v in t.train.model_dump().items())
+    env = t.environment
+    environment = (
+        f"{env.device} ({env.device_name}, {env.cpu_count} CPUs), "
+        f"{getattr(env, 'torch_threads', '?')} torch thread(s), torch {env.torch} "
+        "(changes the time and, on a CPU, the last bits of the weights; not the recipe)"
+        if env is not None
+        else "not recorded (a bundle written before nmosd-ms recorded it)."
+    )
     return CARD.format(
         name=info.name,
         model=info.model,
@@ -517,6 +526,7 @@ def model_card(info: BundleInfo) -> str:
         source=t.source,
         kind=t.kind,
         train=train + (f", seed={t.seed}" if t.seed is not None else ""),
+        environment=environment,
         baselines=", ".join(f"`{b.name}`" for b in info.baselines) or "none recorded",
         perf_source="cross-validation, held-out folds" if m else "none",
         performance=perf,
