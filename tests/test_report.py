@@ -185,3 +185,26 @@ def test_page_renders_in_headless_chromium(report_dir, tmp_path):
     dom, _ = render_in_chromium(report_dir / "index.html", tmp_path)
     for tid in ("table2", "table3", "comparisons"):
         assert f'id="{tid}"' in dom
+
+
+@pytest.mark.parametrize("cm", [[[15, 9], [9, 11]], [[21, 3], [18, 2]], [[0, 0], [0, 0]]])
+def test_every_confusion_count_is_readable_on_its_cell(cm):
+    """The cv report's and the evaluate page's confusion panels: each count's colour stands out
+    from its own cell (a 9 beside a 15 was once written white on white)."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    from nmosd_ms.report.figures import confusion_panel
+
+    def luminance(rgb):
+        return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+    fig, ax = plt.subplots()
+    confusion_panel(ax, np.array(cm), "called", "true")
+    image = ax.images[0]
+    texts = ax.texts
+    assert [t.get_text() for t in texts] == [str(v) for row in cm for v in row]
+    for t, v in zip(texts, [v for row in cm for v in row], strict=True):
+        cell = image.cmap(image.norm(v))
+        assert abs(luminance(cell) - luminance(mcolors.to_rgb(t.get_color()))) > 0.45, (v, cm)
+    plt.close(fig)

@@ -16,7 +16,7 @@ import pandas as pd
 from ..derivatives import montage_path
 from ..io import atomic_dir, write_text
 from .build import CSS, _esc, _img, _table_html
-from .figures import COLORS, _save, plt
+from .figures import COLORS, _save, confusion_panel, plt
 
 
 def _fmt(v, digits=3) -> str:
@@ -101,15 +101,7 @@ def _confusion_figure(ev, folder: Path) -> Path:
                 [c["true NMOSD, called MS"], c["true NMOSD, called NMOSD"]],
             ]
         )
-        ax.imshow(cm, cmap="Blues")
-        for (r, k), v in np.ndenumerate(cm):
-            ax.text(k, r, str(v), ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black")  # fmt: skip
-        ax.set_xticks([0, 1], ["MS", "NMOSD"])
-        ax.set_yticks([0, 1], ["MS", "NMOSD"])
-        ax.set_xlabel("called")
-        if i == 0:
-            ax.set_ylabel("true")
+        confusion_panel(ax, cm, "called", "true" if i == 0 else "")
         t = ev.record["method"]["thresholds"][model]
         ax.set_title(f"{model}\n(NMOSD at P ≥ {t:g})", fontsize=9)
     fig.tight_layout(w_pad=2.0)

@@ -84,6 +84,34 @@ def roc_curves(run: Run, folder: Path) -> Path:
     return _save(fig, folder, "roc")
 
 
+def confusion_panel(ax, cm: np.ndarray, xlabel: str, ylabel: str = "") -> None:
+    """One 2×2 confusion matrix (rows true MS, NMOSD; columns as called) drawn on ``ax``, the
+    count in each cell. The colour scale runs from 0 to the panel's largest count (not from its
+    smallest: with imshow's own scaling the smallest cell is white whatever its count), and each
+    count is written in black or white by the luminance of its own cell, so every count stays
+    readable (white on the near-white of a small cell had hidden them)."""
+    cm = np.asarray(cm, dtype=float)
+    cmap = plt.get_cmap("Blues")
+    norm = matplotlib.colors.Normalize(vmin=0, vmax=max(cm.max(), 1e-9))
+    ax.imshow(cm, cmap=cmap, norm=norm)
+    for (r, c), v in np.ndenumerate(cm):
+        red, green, blue, _ = cmap(norm(v))
+        dark = 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.5
+        ax.text(
+            c,
+            r,
+            f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}",
+            ha="center",
+            va="center",
+            color="white" if dark else "black",
+        )
+    ax.set_xticks([0, 1], ["MS", "NMOSD"])
+    ax.set_yticks([0, 1], ["MS", "NMOSD"])
+    ax.set_xlabel(xlabel)
+    if ylabel:  # one "true" label for the row: on every panel it overlapped the next one's ticks
+        ax.set_ylabel(ylabel)
+
+
 def confusion_matrices(run: Run, folder: Path) -> Path:
     n = len(run.models)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.3), squeeze=False)
@@ -92,21 +120,7 @@ def confusion_matrices(run: Run, folder: Path) -> Path:
         reps = max(p["repeat"].nunique(), 1)
         y = (p["diagnosis"] == POSITIVE).astype(int)
         cm = confusion_matrix(y, (p["prob_nmosd"] >= THRESHOLD).astype(int), labels=[0, 1]) / reps
-        ax.imshow(cm, cmap="Blues")
-        for (r, c), v in np.ndenumerate(cm):
-            ax.text(
-                c,
-                r,
-                f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}",
-                ha="center",
-                va="center",
-                color="white" if v > cm.max() / 2 else "black",
-            )
-        ax.set_xticks([0, 1], ["MS", "NMOSD"])
-        ax.set_yticks([0, 1], ["MS", "NMOSD"])
-        ax.set_xlabel("predicted")
-        if i == 0:  # one "true" label for the row: it overlapped the next panel's ticks
-            ax.set_ylabel("true")
+        confusion_panel(ax, cm, "predicted", "true" if i == 0 else "")
         ax.set_title(model, fontsize=9)
     fig.tight_layout(w_pad=2.0)
     return _save(fig, folder, "confusion")
