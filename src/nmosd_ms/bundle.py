@@ -417,10 +417,21 @@ def export_bundle(
         "participant_ids": sorted(set(run.splits["participant_id"].astype(str))),
         **record,
         "pretraining": run.meta["models"][model].get("pretraining"),
-        "environment": run.meta.get("environment"),
+        "environment": _fold_environment(run.meta),
     }
     info = make_info(model, size, opts["prepare"], training, files, metrics)
     return write_bundle(out, info, weights, baselines)
+
+
+def _fold_environment(meta: dict) -> dict | None:
+    """A cv run's environment as its folds had it: run.json's is the client's, whose torch
+    threads need not be the folds' (``cv --threads 1`` on two cores), so the executor's
+    threads per fold replace them when it recorded a number."""
+    env = meta.get("environment")
+    if env is None:
+        return None
+    threads = (meta.get("executor") or {}).get("threads_per_fold")
+    return {**env, "torch_threads": threads} if isinstance(threads, int) else dict(env)
 
 
 def _run_cohort_record(path: str | None, cohort_hash: str, seed: int):
