@@ -102,8 +102,8 @@ class TrainingRecord(_Record):
     )
     environment: Environment | None = Field(
         None,
-        description="where the weights were computed: device, torch threads, versions (a cv "
-        "run's last writer's for exported folds; none in bundles older than this field)",
+        description="where the weights were computed: device, torch threads, versions (for "
+        "exported folds, the cv run's, as its last writer recorded it; none in older bundles)",
     )
 
 
@@ -417,21 +417,10 @@ def export_bundle(
         "participant_ids": sorted(set(run.splits["participant_id"].astype(str))),
         **record,
         "pretraining": run.meta["models"][model].get("pretraining"),
-        "environment": _fold_environment(run.meta),
+        "environment": run.meta.get("environment"),
     }
     info = make_info(model, size, opts["prepare"], training, files, metrics)
     return write_bundle(out, info, weights, baselines)
-
-
-def _fold_environment(meta: dict) -> dict | None:
-    """A cv run's environment as its folds had it: run.json's is the client's, whose torch
-    threads need not be the folds' (``cv --threads 1`` on two cores), so the executor's
-    threads per fold replace them when it recorded a number."""
-    env = meta.get("environment")
-    if env is None:
-        return None
-    threads = (meta.get("executor") or {}).get("threads_per_fold")
-    return {**env, "torch_threads": threads} if isinstance(threads, int) else dict(env)
 
 
 def _run_cohort_record(path: str | None, cohort_hash: str, seed: int):
@@ -516,7 +505,8 @@ def model_card(info: BundleInfo) -> str:
     env = t.environment
     environment = (
         f"{env.device} ({env.device_name}, {env.cpu_count} CPUs), "
-        f"{getattr(env, 'torch_threads', '?')} torch thread(s), torch {env.torch} "
+        f"{'?' if env.torch_threads is None else env.torch_threads} torch thread(s), "
+        f"torch {env.torch} "
         "(changes the time and, on a CPU, the last bits of the weights; not the recipe)"
         if env is not None
         else "not recorded (a bundle written before nmosd-ms recorded it)."

@@ -57,6 +57,7 @@ class Environment(_Record):
     device_name: str = ""
     cpu_count: int | None = None
     torch: str = "unknown"
+    torch_threads: int | None = None  # the folds' (cv) or the training's (fit, pretrain)
 
 
 class RunRecord(_Record):

@@ -191,9 +191,12 @@ def run_cv(
         with folder.meta_lock():
             meta = folder.open(writer, options, splits, new_models, sizes, cohort_record)
             if not collect:  # the last writer's (a collect step trains nothing)
-                meta["executor"] = {**executor.describe(), "shard": list(shard or ())}
-                # the client's (folds record their own device)
-                meta["environment"] = environment(dev)
+                described = executor.describe()
+                meta["executor"] = {**described, "shard": list(shard or ())}
+                # the client's device (folds record their own) and the folds' threads ("auto":
+                # torch's setting in this process, where local folds run)
+                folds = described.get("threads_per_fold")
+                meta["environment"] = environment(dev, folds if isinstance(folds, int) else None)
             folder.write_meta(meta)
         created = False  # a run folder now: kept whatever happens next
         tasks = plan_tasks(plan, list(models), sizes, config.seed)

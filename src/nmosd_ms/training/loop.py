@@ -45,10 +45,11 @@ class FoldOutput:
     host: str = ""
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, threads: int | None = None) -> dict:
     """Where and with what weights are being computed (the record's ``environment``: versions,
-    platform, device, torch's threads now). It changes the time and, on a CPU, the last bits of
-    the weights, not the recipe; cv's ``run.json``, fit's bundle and pretrain's record keep it.
+    platform, device, and the torch threads training uses: ``threads``, else torch's setting
+    now). It changes the time and, on a CPU, the last bits of the weights, not the recipe; cv's
+    ``run.json`` (with the folds' threads), fit's bundle and pretrain's record keep it.
     CUDA is queried only for a CUDA ``device``, so a client of remote workers never
     initialises it."""
     import monai
@@ -67,7 +68,7 @@ def environment(device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda" and torch.cuda.is_available()
         else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads() if threads is None else threads,
     }
 
 
