@@ -182,8 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="prefix of the per-row tables (P-cohort.tsv, P-cst.tsv)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
-    if not parts <= {"cohort", "cst"} or args.n < 0:
-        ap.error("--parts takes cohort and/or cst; --n is 0 or more")
+    if not parts <= {"cohort", "cst"}:
+        ap.error(f"--parts takes cohort and/or cst, not {args.parts}")
+    if args.n < 0:
+        ap.error(f"--n is 0 (all subjects) or more, not {args.n}")
     outs = {}
     if args.out:
         for part in parts:
