@@ -101,6 +101,9 @@ def cst_recall(
         for radius in radii:
             for sides in ("both", "right"):
                 paths = (CST_PATH_RIGHT, mirror(CST_PATH_RIGHT))[: 2 if sides == "both" else 1]
+                # Built by hand, not with the generator's make_lesion(anat, "nmosd_cst", ...):
+                # that draws a random span and radius, and this table needs the same controlled
+                # span and radius on one side and on both.
                 tubes = []
                 for path in paths:
                     pts = sample_path(path, 1.0)

@@ -202,3 +202,57 @@ def test_pretrain_cli_writes_the_folder(other_cache, tmp_path):
     assert np.isfinite(record["curve"][0]["loss"])
     assert record["environment"]["torch_threads"] == 1  # the threads it trained with
     assert record["environment"]["device"] == "cpu"
+
+
+def test_a_folds_pretext_reads_only_its_training_maps(prepared_small):
+    """``pretext_epochs``: the fold's backbone first learns the pretext on the fold's own
+    training maps. The weights it ends with depend on those maps and on no held-out map."""
+    from nmosd_ms.config import TrainConfig
+    from nmosd_ms.data.cache import load_prepared
+    from nmosd_ms.training.loop import train_torch_fold
+
+    cohort = load_prepared(prepared_small)
+    vols = torch.from_numpy(np.ascontiguousarray(cohort.volumes[:, None]))
+    labels = cohort.labels
+    test_idx = np.array([0, 1, len(labels) - 1])
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+
+    def fold(volumes, pretext_epochs):
+        config = TrainConfig(
+            epochs=1, batch_size=4, shift=2, pretext_epochs=pretext_epochs, eval_every=100
+        )
+        out = train_torch_fold("twoview-18", volumes, labels, train_idx, test_idx, config, 5)
+        return out.state_dict
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    plain, pretext = fold(vols, 0), fold(vols, 2)
+    key = "backbone.layer4.1.conv2.weight"
+    assert not torch.equal(plain[key], pretext[key])  # the pretext moved the backbone
+    # other held-out maps: the same weights, bit for bit
+    other = vols.clone()
+    other[test_idx] = torch.flip(other[test_idx], dims=(-1,)) + (other[test_idx] == 0).float()
+    again = fold(other, 2)
+    assert all(torch.equal(pretext[k], again[k]) for k in pretext)
+    # other training maps: other weights (the pretext read them)
+    moved = vols.clone()
+    moved[train_idx] = torch.roll(moved[train_idx], shifts=3, dims=-1)
+    assert not torch.equal(fold(moved, 2)[key], pretext[key])
+
+
+def test_cv_records_the_pretext_and_refuses_to_mix_it(prepared_small, tmp_path):
+    from nmosd_ms.config import TrainConfig
+    from nmosd_ms.training.cv import run_cv
+
+    def config(pretext_epochs):
+        train = TrainConfig(epochs=1, batch_size=4, shift=2, pretext_epochs=pretext_epochs)
+        return small_cv_config(models=("twoview-18",), repeats=1, folds=2, train=train)
+
+    run_cv(prepared_small, tmp_path / "run", config(1), device="cpu", threads=1)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["options"]["train"]["pretext_epochs"] == 1
+    from nmosd_ms.report import build_report
+
+    page = build_report(tmp_path / "run").read_text()
+    assert "1 epochs of the occupancy pretext on each fold's own training maps" in page
+    with pytest.raises(NmosdError, match="different options"):
+        run_cv(prepared_small, tmp_path / "run", config(0), device="cpu", threads=1)

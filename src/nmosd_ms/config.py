@@ -101,6 +101,15 @@ class TrainConfig(_Options):
     )
     patience: int = Field(20, ge=1, description="early-stopping patience in epochs (inner-val)")
     precision: Precision = Field("fp32", description="autocast dtype of training and inference")
+    pretext_epochs: int = Field(
+        0,
+        ge=0,
+        description=(
+            "epochs of the pretext nmosd-ms pretrain uses (which cells of a 10³ grid hold "
+            "lesion), run on the fold's own training maps before the supervised epochs: a "
+            "prior from no other data and no labels (0: none; not in the paper)"
+        ),
+    )
     weights: str = Field(
         "none",
         description=(

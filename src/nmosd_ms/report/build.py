@@ -60,6 +60,17 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+def _pretext_html(train: dict) -> str:
+    """The protocol's words for a fold's in-fold pretext (runs before it have no such key)."""
+    n = int(train.get("pretext_epochs", 0))
+    if not n:
+        return ""
+    return (
+        f" + {n} epochs of the occupancy pretext on each fold's own training maps before "
+        "the supervised epochs"
+    )
+
+
 def _baselines_html(base: pd.DataFrame) -> str:
     if not len(base):
         return (
@@ -219,7 +230,7 @@ def _write(run, out: Path) -> None:
 time(s) on identical subject-level splits for every model (seed {e(opts["seed"])});
 {e(train["epochs"])} epochs, SGD lr {e(train["lr"])} (×{e(train["gamma"])} every
 {e(train["step_size"])} epochs), momentum {e(train["momentum"])}, batch {e(train["batch_size"])},
-weights: {e(train["weights"])}, precision {e(train["precision"])}. NMOSD is the positive class
+weights: {e(train["weights"])}{_pretext_html(train)}, precision {e(train["precision"])}. NMOSD is the positive class
 (sensitivity = NMOSD recall, specificity = MS recall).<br>
 <b>Device:</b> {e(env["device"])} ({e(env.get("device_name", ""))},
 {e(env.get("cpu_count"))} CPUs, torch {e(env["torch"])}).</p>

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from ..config import Precision, TrainConfig
+from ..config import Precision, PretrainConfig, TrainConfig
 from ..constants import THRESHOLD, __version__
 from ..models import get_spec, model_weights
 from .augment import augmented_batch
@@ -280,6 +280,20 @@ def train_torch_fold(
         fit_idx, val_idx = train_test_split(
             fit_idx, test_size=config.inner_val, stratify=labels[fit_idx], random_state=seed
         )
+    t0 = _clock(dev)
+    if config.pretext_epochs:
+        # The pretext reads the training maps only (never a label, never a held-out map).
+        # Imported here: pretrain builds on this module.
+        from .pretrain import pretext_fit
+
+        pretext = PretrainConfig(
+            epochs=config.pretext_epochs,
+            batch_size=max(2, config.batch_size),
+            shift=config.shift,
+            flip=config.flip,
+            precision=config.precision,
+        )
+        pretext_fit(model, volumes, fit_idx, pretext, seed, dev)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     weight = None
     if config.class_weights:
@@ -303,7 +317,6 @@ def train_torch_fold(
     calibrated = False
     curves: list[dict] = []
     best = (math.inf, None, 0)
-    t0 = _clock(dev)
     epochs_run = 0
     for epoch in range(1, config.epochs + 1):
         te = _clock(dev)

@@ -149,25 +149,45 @@ def _train(
     classifier = {
         k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("fc.")
     }
+    vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None], dtype=np.float32))
+    curve = pretext_fit(model, vols, np.arange(len(vols)), config, seed, dev)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state.update(classifier)  # the classifier was not trained: keep its initialisation
+    return state, curve
+
+
+def pretext_fit(
+    model: torch.nn.Module,
+    volumes: torch.Tensor,
+    idx: np.ndarray,
+    config: PretrainConfig,
+    seed: int,
+    dev: torch.device,
+) -> list[dict[str, float]]:
+    """Train ``model``'s backbone in place on the pretext (which of the grid's cells hold
+    lesion) over the maps ``volumes[idx]`` (N, 1, S, S, S); diagnoses are not an argument.
+    The classifier (``fc``) is not trained; the linear head is made here and dropped. Used by
+    ``pretrain`` (all maps of another cohort) and by a fold's ``pretext_epochs`` (only its
+    own training part). Returns the loss curve, one row per epoch."""
     head = torch.nn.Linear(model.fc.in_features, config.grid**3).to(dev)
     params = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
     opt = torch.optim.Adam([*params, *head.parameters()], lr=config.lr)
     gen = torch.Generator().manual_seed(seed)
     order_rng = np.random.default_rng(seed)
-    vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None], dtype=np.float32))
-    n = len(vols)
+    idx = np.asarray(idx)
+    n = len(idx)
     curve = []
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        order = order_rng.permutation(n)
+        order = idx[order_rng.permutation(n)]
         total = torch.zeros((), dtype=torch.float64, device=dev)
         seen = 0
         # whole batches only: BatchNorm cannot train on a batch of one, and a short last batch
         # would weigh its few maps more
         for start in range(0, n - config.batch_size + 1, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            xb = augmented_batch(vols, idx, config.shift, config.flip, gen).to(dev)
+            bidx = order[start : start + config.batch_size]
+            xb = augmented_batch(volumes, bidx, config.shift, config.flip, gen).to(dev)
             target = occupancy_target(xb, config.grid)
             with _autocast(dev, config.precision):
                 logits = head(model.dropout(model.features(xb)))
@@ -175,18 +195,16 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.detach().double() * len(idx)
-            seen += len(idx)
+            total += loss.detach().double() * len(bidx)
+            seen += len(bidx)
         curve.append(
             {
                 "epoch": float(epoch),
-                "loss": float(total) / seen,
+                "loss": float(total) / max(seen, 1),
                 "seconds": time.perf_counter() - t0,
             }
         )
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    state.update(classifier)  # the classifier was not trained: keep its initialisation
-    return state, curve
+    return curve
 
 
 def pretraining_record(weights: str | Path) -> PretrainRecord | None:
