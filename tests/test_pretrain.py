@@ -256,3 +256,13 @@ def test_cv_records_the_pretext_and_refuses_to_mix_it(prepared_small, tmp_path):
     assert "1 epochs of the occupancy pretext on each fold's own training maps" in page
     with pytest.raises(NmosdError, match="different options"):
         run_cv(prepared_small, tmp_path / "run", config(0), device="cpu", threads=1)
+    # a run written before the option existed (no such key) resumes with its default, 0
+    run_cv(prepared_small, tmp_path / "old", config(0), device="cpu", threads=1)
+    meta = json.loads((tmp_path / "old" / "run.json").read_text())
+    del meta["options"]["train"]["pretext_epochs"]
+    (tmp_path / "old" / "run.json").write_text(json.dumps(meta))
+    folds = (tmp_path / "old" / "results" / "folds.tsv").read_text()
+    run_cv(prepared_small, tmp_path / "old", config(0), device="cpu", threads=1)
+    assert (tmp_path / "old" / "results" / "folds.tsv").read_text() == folds
+    with pytest.raises(NmosdError, match="different options"):
+        run_cv(prepared_small, tmp_path / "old", config(1), device="cpu", threads=1)

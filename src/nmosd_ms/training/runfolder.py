@@ -230,11 +230,11 @@ class RunFolder:
         remove_stale_temporaries(root / "results", recursive=False)
         if self.has_run():
             old = self.read_meta()
-            diff = sorted(
-                k
-                for k in set(options) | set(old["options"])
-                if old["options"].get(k) != options.get(k)
-            )
+            stored = dict(old["options"])
+            # the stored training options as the record reads them: a field added since the
+            # run was written takes its default, which keeps the old behaviour
+            stored["train"] = TrainConfig.model_validate(stored["train"]).model_dump(mode="json")
+            diff = sorted(k for k in set(options) | set(stored) if stored.get(k) != options.get(k))
             if diff:
                 others = self.active_writers(own=writer)
                 held = (
