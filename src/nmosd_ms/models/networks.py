@@ -44,35 +44,69 @@ def resnet_backbone(
     return net
 
 
-class CentreTapConv2d(nn.Conv2d):
-    """A 3×3, stride-1, padding-1 ``Conv2d`` that, on a 1×1 input, multiplies by its centre tap
-    only: the other eight taps see zero padding, so output and gradients are the same (the
-    other taps' gradients are exactly zero either way). Same parameters and state-dict keys.
+class _CentreTap:
+    """On an input of one pixel (voxel), a same-padded convolution (odd kernel, padding
+    ``kernel // 2``, dilation 1, zero padding) of any stride gives one output that multiplies by
+    the kernel's centre tap only: every other tap sees padding. This mixin computes that product
+    directly (same parameters and state-dict keys, same outputs; the other taps' gradients are
+    exactly zero either way) and leaves every larger input to the plain convolution.
 
-    At S = 100 the two-view backbone's last stage runs at 1×1, where oneDNN's 3×3 backward took
-    5 ms per convolution on one CPU thread (bf16, batch 8) for 19 M multiply-adds."""
+    Two measured reasons (torch 2.13 CPU, oneDNN):
+
+    * correctness: in bf16, oneDNN's *weight gradient* of a strided convolution on a 1-pixel
+      input is wrong, 2D and 3D (3×3 or 7×7, stride 2: 24 to 40 of 40 calls off by more than 5 %
+      of the largest entry, some NaN or 1e25). The two-view backbone meets that shape at
+      S ≤ 54 (layer3/layer4 at 24³) and ResNet3D at S ≤ 16; at 24³ one bf16 epoch diverged
+      in about one run in three. fp32 gradients are right.
+    * speed: at S = 100 the two-view backbone's last stage runs at 1×1, where oneDNN's 3×3
+      backward took 5 ms per convolution on one CPU thread (bf16, batch 8) for 19 M
+      multiply-adds.
+    """
+
+    _conv = staticmethod(F.conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] == (1, 1):
-            return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
+        if all(n == 1 for n in x.shape[2:]):
+            centre = tuple(slice(k // 2, k // 2 + 1) for k in self.kernel_size)
+            return self._conv(
+                x, self.weight[(slice(None), slice(None), *centre)], self.bias, groups=self.groups
+            )
         return super().forward(x)
 
 
+class CentreTapConv2d(_CentreTap, nn.Conv2d):
+    """``nn.Conv2d`` with :class:`_CentreTap`'s 1×1-input path."""
+
+
+class CentreTapConv3d(_CentreTap, nn.Conv3d):
+    """``nn.Conv3d`` with :class:`_CentreTap`'s 1×1×1-input path."""
+
+    _conv = staticmethod(F.conv3d)
+
+
+_CENTRE_TAP = {nn.Conv2d: CentreTapConv2d, nn.Conv3d: CentreTapConv3d}
+
+
 def _centre_tap_convs(module: nn.Module) -> None:
-    """Swap every plain 3×3/stride 1/padding 1 ``Conv2d`` below ``module`` for the
-    :class:`CentreTapConv2d` holding the same parameters."""
+    """Swap every same-padded, odd-kernel, undilated ``Conv2d``/``Conv3d`` (kernel > 1) below
+    ``module`` for the :class:`_CentreTap` class holding the same parameters."""
     for name, child in module.named_children():
+        kind = _CENTRE_TAP.get(type(child))
         if (
-            type(child) is nn.Conv2d
-            and child.kernel_size == (3, 3)
-            and child.stride == (1, 1)
-            and child.padding == (1, 1)
-            and child.dilation == (1, 1)
-            and child.groups == 1
+            kind is not None
+            and all(k % 2 == 1 and k > 1 for k in child.kernel_size)
+            and child.padding == tuple(k // 2 for k in child.kernel_size)
+            and all(d == 1 for d in child.dilation)
             and child.padding_mode == "zeros"
         ):
-            new = CentreTapConv2d(
-                child.in_channels, child.out_channels, 3, padding=1, bias=child.bias is not None
+            new = kind(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                stride=child.stride,
+                padding=child.padding,
+                groups=child.groups,
+                bias=child.bias is not None,
             )
             new.weight = child.weight
             new.bias = child.bias
@@ -158,6 +192,7 @@ class ResNet3D(nn.Module):
     ):
         super().__init__()
         self.backbone = resnet_backbone(depth, 3, 1, shortcut_type=shortcut_type)
+        _centre_tap_convs(self.backbone)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(INPLANES[-1], num_classes)
 
