@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ProcessPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ from scipy import ndimage
 
 from nmosd_ms.data.bids import load_bids
 from nmosd_ms.phantom import generate_cohort, load_anatomy, sample_lesion_map
+from nmosd_ms.phantom.generate import _one_blas_thread
 from nmosd_ms.phantom.lesions import DIFFICULTIES
 
 
@@ -21,6 +23,50 @@ def _digest(folder):
     for p in sorted(folder.rglob("*.nii.gz")):
         h.update(np.asarray(nib.load(p).dataobj).tobytes())
     return h.hexdigest()
+
+
+#: The sampling tests below draw hundreds of lesion maps (CPU-bound numpy, one core each):
+#: spread over the CI machine's two cores, in order, each map from its own seed as before.
+POOL = 2
+
+
+def _pool_map(fn, items):
+    load_anatomy(2)  # built once here; forked workers inherit it
+    with ProcessPoolExecutor(max_workers=POOL, initializer=_one_blas_thread) as pool:
+        return list(pool.map(fn, items, chunksize=8))
+
+
+def _spatial_features(job):
+    from nmosd_ms.data.features import lesion_features
+    from nmosd_ms.spatial import bounding_box
+
+    i, dx = job
+    anat = load_anatomy(2)
+    lo, hi = bounding_box(anat.brain)
+    m, _ = sample_lesion_map(anat, np.random.default_rng([11, i, dx == "MS"]), dx, "spatial")
+    return lesion_features(m, anat.zooms, lo, hi)
+
+
+def _ms_frequency(seeds):
+    anat = load_anatomy(2)
+    freq = np.zeros(anat.shape)
+    for i in seeds:
+        m, _ = sample_lesion_map(anat, np.random.default_rng([0, i]), "MS", "paper")
+        freq += m
+    return freq
+
+
+def _written_ms_load(i):
+    from nmosd_ms.phantom.generate import make_subject
+
+    mask = make_subject(i, "MS", False, 3, "paper", 2)["lesion"] > 0
+    return _load(mask, 8.0)
+
+
+def _load(mask, voxel_mm3):
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel())[1:] * voxel_mm3
+    return int((sizes >= 24).sum()), mask.sum() * voxel_mm3 / 1000
 
 
 def test_layout_is_readable_by_prepare(phantom_cohort):
@@ -34,9 +80,10 @@ def test_layout_is_readable_by_prepare(phantom_cohort):
 
 
 def test_deterministic_for_a_seed(tmp_path):
-    generate_cohort(tmp_path / "a", 3, 3, seed=5)
-    generate_cohort(tmp_path / "b", 3, 3, seed=5)
-    generate_cohort(tmp_path / "c", 3, 3, seed=6)
+    # two workers: the parallel test below shows they write what one does
+    generate_cohort(tmp_path / "a", 3, 3, seed=5, workers=2)
+    generate_cohort(tmp_path / "b", 3, 3, seed=5, workers=2)
+    generate_cohort(tmp_path / "c", 3, 3, seed=6, workers=2)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
     a = (tmp_path / "a/participants.tsv").read_text()
     assert a == (tmp_path / "b/participants.tsv").read_text()
@@ -135,18 +182,9 @@ def test_spatial_preset_loads_are_indistinguishable():
     from scipy import stats
     from sklearn.metrics import roc_auc_score
 
-    from nmosd_ms.data.features import lesion_features
-    from nmosd_ms.spatial import bounding_box
-
-    anat = load_anatomy(2)
-    lo, hi = bounding_box(anat.brain)
-    rows = {"MS": [], "NMOSD": []}
-    for dx, feats in rows.items():
-        for i in range(100):
-            m, _ = sample_lesion_map(
-                anat, np.random.default_rng([11, i, dx == "MS"]), dx, "spatial"
-            )
-            feats.append(lesion_features(m, anat.zooms, lo, hi))
+    rows = {
+        dx: _pool_map(_spatial_features, [(i, dx) for i in range(100)]) for dx in ("MS", "NMOSD")
+    }
     p_count = stats.ks_2samp(*[[f["n_lesions"] for f in rows[dx]] for dx in rows]).pvalue
     p_total = stats.ks_2samp(*[[f["total_ml"] for f in rows[dx]] for dx in rows]).pvalue
     print(f"spatial preset: KS p = {p_count:.3f} (count), {p_total:.3f} (total volume)")
@@ -191,12 +229,8 @@ def test_ms_lesion_frequency_matches_real_ms_patients():
 
     real_imgs = _real_ms_masks()
     anat = load_anatomy(2)
-    freq = np.zeros(anat.shape)
     n = 200
-    for i in range(n):
-        m, _ = sample_lesion_map(anat, np.random.default_rng([0, i]), "MS", "paper")
-        freq += m
-    freq /= n
+    freq = sum(_pool_map(_ms_frequency, [range(k, n, POOL) for k in range(POOL)])) / n
     acc = sum((np.asarray(img.dataobj) > 0).astype(np.float32) for img in real_imgs)
     real = nib.Nifti1Image(acc / len(real_imgs), real_imgs[0].affine)
     ref = nib.Nifti1Image(freq.astype(np.float32), anat.affine)
@@ -214,17 +248,8 @@ def test_ms_load_matches_real_patients():
     """Per-patient lesion count (components of >= 24 mm^3) and total volume of MS phantoms
     (`paper`, as written: on their own moved grid) against the 20 real patients' MNI masks:
     medians within 30 %."""
-    from nmosd_ms.phantom.generate import make_subject
-
-    def load(mask, voxel_mm3):
-        labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        sizes = np.bincount(labels.ravel())[1:] * voxel_mm3
-        return int((sizes >= 24).sum()), mask.sum() * voxel_mm3 / 1000
-
-    real = [load(np.asarray(img.dataobj) > 0, 1.0) for img in _real_ms_masks()]
-    phantom = [
-        load(make_subject(i, "MS", False, 3, "paper", 2)["lesion"] > 0, 8.0) for i in range(40)
-    ]
+    real = [_load(np.asarray(img.dataobj) > 0, 1.0) for img in _real_ms_masks()]
+    phantom = _pool_map(_written_ms_load, range(40))
     (rc, rv), (pc, pv) = np.median(real, axis=0), np.median(phantom, axis=0)
     print(
         f"lesions >= 24 mm3: real median {rc:.0f}, phantom {pc:.0f}; total ml: {rv:.1f} / {pv:.1f}"
