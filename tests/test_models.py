@@ -268,3 +268,20 @@ def test_bf16_weight_gradient_is_right_where_a_strided_conv_sees_one_pixel(name,
             out.float().backward(g)
             err = float((conv.weight.grad - w.grad).abs().max() / w.grad.abs().max())
             assert err < 0.02, err
+
+
+def test_the_centre_tap_swap_draws_no_random_numbers():
+    """Making a convolution a centre-tap one keeps its parameters and draws nothing from the
+    global RNG, so a seed builds the same network as before the swap covered it (here the 3D
+    ResNet, whose strided convolutions are swapped: the same draws as the plain backbone)."""
+    from nmosd_ms.models.networks import CentreTapConv3d, ResNet3D
+
+    torch.manual_seed(0)
+    net = ResNet3D(18)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    plain = resnet_backbone(18, 3, 1)
+    nn.Linear(512, 2)
+    assert torch.equal(after, torch.rand(3))
+    assert sum(isinstance(m, CentreTapConv3d) for m in net.modules()) == 4  # conv1 + 3 strided
+    net.backbone.load_state_dict(plain.state_dict())  # same keys

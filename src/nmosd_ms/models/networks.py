@@ -87,24 +87,33 @@ class CentreTapConv3d(_CentreTap, nn.Conv3d):
 _CENTRE_TAP = {nn.Conv2d: CentreTapConv2d, nn.Conv3d: CentreTapConv3d}
 
 
-def _centre_tap_convs(module: nn.Module) -> None:
-    """Swap every same-padded, odd-kernel, undilated ``Conv2d``/``Conv3d`` (kernel > 1) below
-    ``module`` for the :class:`_CentreTap` class holding the same parameters."""
+def _centre_tap_convs(module: nn.Module, strided_only: bool = False) -> None:
+    """Make every same-padded, odd-kernel, undilated ``Conv2d``/``Conv3d`` (kernel > 1) below
+    ``module`` a :class:`_CentreTap` convolution holding the same parameters (with
+    ``strided_only``, only those of stride > 1: the ones whose bf16 gradient needs it)."""
     for name, child in module.named_children():
         kind = _CENTRE_TAP.get(type(child))
-        if (
+        if not (
             kind is not None
             and all(k % 2 == 1 and k > 1 for k in child.kernel_size)
             and child.padding == tuple(k // 2 for k in child.kernel_size)
             and all(d == 1 for d in child.dilation)
             and child.padding_mode == "zeros"
         ):
+            _centre_tap_convs(child, strided_only)
+            continue
+        strided = any(s > 1 for s in child.stride)
+        if strided_only and not strided:
+            continue
+        if kind is CentreTapConv2d and not strided and child.kernel_size == (3, 3):
+            # The 2D 3×3 stride-1 ones (the first use, for speed) are built anew as before: the
+            # discarded initialisation draws from the global RNG, and a seed must keep giving
+            # the network, and the figures, of earlier releases.
             new = kind(
                 child.in_channels,
                 child.out_channels,
-                child.kernel_size,
-                stride=child.stride,
-                padding=child.padding,
+                3,
+                padding=1,
                 groups=child.groups,
                 bias=child.bias is not None,
             )
@@ -112,7 +121,7 @@ def _centre_tap_convs(module: nn.Module) -> None:
             new.bias = child.bias
             setattr(module, name, new)
         else:
-            _centre_tap_convs(child)
+            child.__class__ = kind  # no new parameters, no random draw
 
 
 class CompressionBlock(nn.Module):
@@ -192,7 +201,7 @@ class ResNet3D(nn.Module):
     ):
         super().__init__()
         self.backbone = resnet_backbone(depth, 3, 1, shortcut_type=shortcut_type)
-        _centre_tap_convs(self.backbone)
+        _centre_tap_convs(self.backbone, strided_only=True)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(INPLANES[-1], num_classes)
 
