@@ -230,10 +230,11 @@ class RunFolder:
         remove_stale_temporaries(root / "results", recursive=False)
         if self.has_run():
             old = self.read_meta()
-            stored = dict(old["options"])
-            # the stored training options as the record reads them: a field added since the
-            # run was written takes its default, which keeps the old behaviour
-            stored["train"] = TrainConfig.model_validate(stored["train"]).model_dump(mode="json")
+            from ..records import RunOptions
+
+            # the stored options as the run record reads them: a field added since the run was
+            # written takes its default, which keeps the old behaviour
+            stored = RunOptions.model_validate(old["options"]).model_dump(mode="json")
             diff = sorted(k for k in set(options) | set(stored) if stored.get(k) != options.get(k))
             if diff:
                 others = self.active_writers(own=writer)
