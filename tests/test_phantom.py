@@ -171,6 +171,44 @@ def test_the_two_knobs_are_independent():
     assert d["easy"].load_ratio < d["paper"].load_ratio < d["spatial"].load_ratio
     assert d["hard"].specific < d["paper"].specific < d["spatial"].specific
     assert d["easy"].specific >= d["paper"].specific
+    # `paper`: NMOSD's lesions mostly at its typical sites, MS's half (revision 3)
+    assert d["paper"].share_typical(True) > d["paper"].share_typical(False) == d["paper"].specific
+    for name in ("easy", "spatial", "hard"):
+        assert d[name].share_typical(True) == d[name].share_typical(False) == d[name].specific
+
+
+def test_paper_preset_shares_at_typical_sites_and_ms_draws_unchanged(monkeypatch):
+    """Drawn lesions of `paper` lie at their class's typical sites in the preset's shares
+    (NMOSD 0.9, MS 0.55), and NMOSD's share does not touch what an MS subject draws: the MS
+    subjects are revision 2's, so the realism figures measured on them stand."""
+    import dataclasses
+
+    from nmosd_ms.phantom import lesions as L
+
+    anat = load_anatomy(2)
+
+    def draw(dx):
+        return [
+            L.sample_lesions(anat, np.random.default_rng([5, i]), dx, "paper") for i in range(40)
+        ]
+
+    def share(subjects, typical):
+        sites = [les.site for s in subjects for les in s]
+        return np.mean([site in typical for site in sites]), len(sites)
+
+    nmosd, ms = draw("NMOSD"), draw("MS")
+    got_n, n_n = share(nmosd, L.NMOSD_SITES)
+    got_m, n_m = share(ms, L.MS_SITES)
+    assert n_n > 400 and n_m > 400
+    assert abs(got_n - L.DIFFICULTIES["paper"].share_typical(True)) < 0.05, got_n
+    assert abs(got_m - L.DIFFICULTIES["paper"].share_typical(False)) < 0.07, got_m
+    same = dataclasses.replace(L.DIFFICULTIES["paper"], specific_nmosd=None)
+    monkeypatch.setitem(L.DIFFICULTIES, "paper", same)
+    again_ms, again_nmosd = draw("MS"), draw("NMOSD")
+    assert [[(x.site, x.volume_mm3) for x in s] for s in again_ms] == [
+        [(x.site, x.volume_mm3) for x in s] for s in ms
+    ]
+    assert share(again_nmosd, L.NMOSD_SITES)[0] < got_n - 0.2  # the knob does act on NMOSD
 
 
 def test_spatial_preset_loads_are_indistinguishable():
