@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     print(f"{a.repeats} x {a.folds} folds, map pooled to {a.cells}^3; mean fold accuracy [95 % CI]")
     for name, s in scores.items():
         lo, hi = corrected_ci(s, 1.0 - n_test, n_test)
-        print(f"  {name:18s} {np.mean(s):.3f} [{lo:.2f}, {hi:.2f}]")
+        # accuracy is a proportion: clip the t interval to [0, 1], as the report's table 2 does
+        print(f"  {name:18s} {np.mean(s):.3f} [{max(lo, 0.0):.2f}, {min(hi, 1.0):.2f}]")
 
 
 if __name__ == "__main__":

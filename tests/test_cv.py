@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -122,14 +123,33 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, prepared_small
     time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(out.glob("folds/*/repeat-*/fold-*.json")))
+    records = sorted(out.glob("folds/*/repeat-*/fold-*.json"))
+    done_before = len(records)
     assert 0 < done_before < 18, "the kill should land mid-run"
+    # The report of the stopped run: its finished folds, and it says so (cv rebuilds the result
+    # tables at most once a minute, so they may lag behind the fold records or be missing).
+    page, summary = _report(out, complete=False)
+    assert sum(summary["finished_folds"].values()) == done_before
+    assert summary["planned_folds"] == 6
+    assert "Unfinished run" in page and "finished (of the planned 2 × 3)" in page
     result = subprocess.run(args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     a = _tsv(reference_run / "results/folds.tsv")[DETERMINISTIC_COLUMNS]
     b = _tsv(out / "results/folds.tsv")[DETERMINISTIC_COLUMNS]
     pd.testing.assert_frame_equal(a, b)
     assert not list(out.rglob("*.tmp")), "no temporary files may remain"
+    page, summary = _report(out, complete=True)
+    assert summary["finished_folds"] == {m: 6 for m in summary["finished_folds"]}
+    assert "Unfinished run" not in page and "mean of the 2 × 3 held-out" in page
+
+
+def _report(run, complete: bool):
+    result = run_cli("report", run)
+    assert result.exit_code == 0, result.stderr
+    assert ("note: the run is not finished" in result.stdout) is not complete, result.stdout
+    summary = json.loads((run / "report" / "report.json").read_text())
+    assert summary["complete"] is complete
+    return (run / "report" / "index.html").read_text(), summary
 
 
 def test_dask_executor_matches_local(reference_run, prepared_small, tmp_path):

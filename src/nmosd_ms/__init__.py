@@ -71,6 +71,7 @@ _EXPORTS = {
     "RunFolder": "training.runfolder",
     # report
     "build_report": "report",
+    "report_status": "report",
     # bundles, final training, prediction
     "Bundle": "bundle",
     "BundleInfo": "bundle",

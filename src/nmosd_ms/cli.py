@@ -528,10 +528,19 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a cv run folder")],
 ):
     """Tables 2 and 3, Figure 4, ROC and per-subject plots, and one HTML page."""
-    from .report import build_report
+    from .report import build_report, report_status
 
     index = build_report(run_dir)
     out.print(f"report: {index}")
+    status = report_status(index)
+    if not status["complete"]:
+        done = ", ".join(f"{m} {n}" for m, n in status["finished_folds"].items())
+        out.print(
+            f"note: the run is not finished (folds finished of {status['planned_folds']}: "
+            f"{done}); the report covers the finished folds only",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

@@ -22,6 +22,7 @@ from .tables import (
     chance_level,
     comparisons,
     comparisons_display,
+    completeness,
     lesion_sources,
     load_run,
     scan_ids,
@@ -119,14 +120,39 @@ def _lesion_source_html(sources: dict | None, within: pd.DataFrame) -> str:
     )
 
 
+def _progress_html(status: dict) -> str:
+    if status["complete"]:
+        return ""
+    parts = ", ".join(
+        f"{_esc(m)} {n} of {status['planned_folds']}" for m, n in status["finished_folds"].items()
+    )
+    return (
+        f'<p class="warn"><b>Unfinished run</b> (folds finished: {parts}). Every table and figure '
+        "below covers the finished folds only, and a model with fewer folds is compared on the "
+        "folds it has. Build the report again when <code>nmosd-ms cv</code> has finished (or "
+        "resume it with the same command).</p>"
+    )
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write the report of the cv run folder ``run_dir`` (``RUN_DIR/report/``: tables, figures,
-    one HTML page) and return the path of ``index.html``."""
+    one HTML page) and return the path of ``index.html``. A run that is still training (or was
+    stopped) is reported on its finished folds, and the page and ``report.json`` say so
+    (``complete``, ``finished_folds``)."""
     run = load_run(run_dir)
     final = Path(run_dir) / "report"
     with atomic_dir(final, replace=True) as tmp:
         _write(run, tmp)
     return final / "index.html"
+
+
+def report_status(index: str | Path) -> dict:
+    """What the report at ``index`` (from :func:`build_report`) covers: ``complete``,
+    ``planned_folds`` and ``finished_folds`` per model, as its report.json records them."""
+    from ..io import read_json
+
+    summary = read_json(Path(index).parent / "report.json", "report summary")
+    return {k: summary[k] for k in ("complete", "planned_folds", "finished_folds")}
 
 
 def _write(run, out: Path) -> None:
@@ -185,10 +211,12 @@ def _write(run, out: Path) -> None:
         write_tsv(out / "lesion_source.tsv", within)
     wrong = subjects[subjects["always_wrong"]]
     always_wrong = wrong.assign(scan=scan_ids(wrong)).groupby("model")["scan"].apply(list)
+    status = completeness(run)
     summary = {
         "tool": "nmosd-ms report",
         "version": __version__,
         "run": str(run.root.resolve()),
+        **status,
         "n_subjects": n,
         "counts": counts,
         "chance_level": chance,
@@ -217,6 +245,8 @@ def _write(run, out: Path) -> None:
     )
     e = _esc
     r_k = e(f"{opts['repeats']} × {opts['folds']}")
+    if not status["complete"]:
+        r_k = f"finished (of the planned {r_k})"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -224,6 +254,7 @@ def _write(run, out: Path) -> None:
 <h1>NMOSD vs MS: cross-validation report</h1>
 <p class="note">nmosd-ms {e(__version__)} · research use only, not for diagnosis · run
 <code>{e(run.root)}</code></p>
+{_progress_html(status)}
 <p><b>Cohort:</b> {e(n)} subjects — {e(counts.get("NMOSD", 0))} NMOSD, {e(counts.get("MS", 0))} MS.
 <b>Chance level</b> (always answering the majority class): {chance:.3f}.<br>
 <b>Protocol:</b> {e(opts["folds"])}-fold stratified cross-validation repeated {e(opts["repeats"])}

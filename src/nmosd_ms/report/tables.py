@@ -20,6 +20,21 @@ def load_run(root: str | Path) -> Run:
     return RunFolder(root).load()
 
 
+def completeness(run: Run) -> dict:
+    """How much of the run is finished: the folds each model was planned to have (repeats ×
+    folds) and the folds finished so far. A report built while ``cv`` is still training, or
+    after it was stopped, covers the finished folds only and must say so."""
+    opts = run.meta["options"]
+    planned = int(opts["repeats"]) * int(opts["folds"])
+    done = run.folds.groupby("model").size()
+    finished = {m: int(done.get(m, 0)) for m in run.models}
+    return {
+        "complete": all(n >= planned for n in finished.values()),
+        "planned_folds": planned,
+        "finished_folds": finished,
+    }
+
+
 def lesion_sources(run: Run) -> dict | None:
     """How the lesion images were obtained, per class, and whether that differs between the
     classes (Fisher's exact test): a classifier can learn the segmentation method instead of the

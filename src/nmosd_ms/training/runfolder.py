@@ -370,17 +370,30 @@ class RunFolder:
     def aggregate(self, models: list[str] | None = None) -> dict[str, pd.DataFrame]:
         """Rebuild ``results/*.tsv`` from every fold record (call under :meth:`meta_lock`);
         ``models`` defaults to those of run.json, in its order."""
+        tables = self._tables_from_records(models)
+        for name, df in tables.items():
+            write_tsv(self.table_path(name), df)
+        return tables
+
+    def _fold_records(self, models: list[str]) -> list[Path]:
+        return [
+            path
+            for model in models
+            for path in sorted((self.root / "folds" / model).glob("repeat-*/fold-*.json"))
+        ]
+
+    def _tables_from_records(self, models: list[str] | None = None) -> dict[str, pd.DataFrame]:
+        """The result tables of every fold record, in memory (run.json's model order)."""
         if models is None:
             models = list(self.read_meta()["models"])
         folds, preds, curves = [], [], []
-        for model in models:
-            for path in sorted((self.root / "folds" / model).glob("repeat-*/fold-*.json")):
-                rec = read_json(path, "fold record")
-                key = {k: rec[k] for k in ("model", "repeat", "fold")}
-                rec.setdefault("n_fit", rec["n_train"])  # folds written before n_fit existed
-                folds.append({c: rec[c] for c in FOLD_COLUMNS})
-                preds += [{**key, **p} for p in rec["predictions"]]
-                curves += [{**key, **c} for c in rec["curves"]]
+        for path in self._fold_records(models):
+            rec = read_json(path, "fold record")
+            key = {k: rec[k] for k in ("model", "repeat", "fold")}
+            rec.setdefault("n_fit", rec["n_train"])  # folds written before n_fit existed
+            folds.append({c: rec[c] for c in FOLD_COLUMNS})
+            preds += [{**key, **p} for p in rec["predictions"]]
+            curves += [{**key, **c} for c in rec["curves"]]
         order = {m: i for i, m in enumerate(models)}
         pred_columns = list(PRED_COLUMNS)
         if any("session_id" in p for p in preds):  # a cohort with sessions
@@ -397,7 +410,6 @@ class RunFolder:
             keys += ["epoch"] if name == "curves" else []
             df = df.assign(_m=df["model"].map(order)).sort_values(["_m", *keys])
             tables[name] = df.drop(columns="_m").reset_index(drop=True)
-            write_tsv(self.table_path(name), tables[name])
         return tables
 
     # -- readers -------------------------------------------------------------------------------
@@ -406,13 +418,13 @@ class RunFolder:
         from ..records import RunRecord, load_record
 
         root = self.root
-        needed = ["run.json", "splits.tsv", *(f"results/{n}.tsv" for n in RESULT_TABLES)]
+        needed = ["run.json", "splits.tsv"]
         missing = [n for n in needed if not (root / n).is_file()]
         if missing:
             raise NmosdError(f"{root} is not a cv run folder (missing {', '.join(missing)})")
         meta = load_record(root / "run.json", RunRecord, "run record").model_dump(mode="json")
         try:
-            tables = [read_tsv(self.table_path(n)) for n in RESULT_TABLES]
+            tables = self._result_tables(list(meta["models"]))
             tables.append(read_tsv(root / "splits.tsv"))
         except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
             raise NmosdError(f"{root}: a result table cannot be read ({exc})") from None
@@ -421,6 +433,21 @@ class RunFolder:
         if run.folds.empty:
             raise NmosdError(f"{root} has no finished folds yet")
         return run
+
+    def _result_tables(self, models: list[str]) -> list[pd.DataFrame]:
+        """``results/*.tsv``, or the same tables from the fold records when those tables lag
+        behind them: while cv runs it rebuilds the tables at most once a minute, and a run
+        stopped early may have none yet. The records are what cv itself aggregates."""
+        paths = [self.table_path(n) for n in RESULT_TABLES]
+        records = self._fold_records(models)
+        if all(p.is_file() for p in paths):
+            tables = [read_tsv(p) for p in paths]
+            if len(tables[0]) >= len(records):
+                return tables
+        elif not records:
+            missing = [f"results/{p.name}" for p in paths if not p.is_file()]
+            raise NmosdError(f"{self.root} is not a cv run folder (missing {', '.join(missing)})")
+        return list(self._tables_from_records(models).values())
 
     @staticmethod
     def _check_tables(run: Run) -> None:
