@@ -128,8 +128,8 @@ def _progress_html(status: dict) -> str:
     )
     return (
         f'<p class="warn"><b>Unfinished run</b> (folds finished: {parts}). Every table and figure '
-        "below covers the finished folds only, and a model with fewer folds is compared on the "
-        "folds it has. Build the report again when <code>nmosd-ms cv</code> has finished (or "
+        "below covers the finished folds only, and two models are compared on the folds both "
+        "have finished. Build the report again when <code>nmosd-ms cv</code> has finished (or "
         "resume it with the same command).</p>"
     )
 
