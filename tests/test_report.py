@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import CHROMIUM, render_in_chromium
+from helpers import CHROMIUM, assert_user_error, render_in_chromium, run_cli
 from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
 
@@ -208,3 +208,14 @@ def test_every_confusion_count_is_readable_on_its_cell(cm):
         cell = image.cmap(image.norm(v))
         assert abs(luminance(cell) - luminance(mcolors.to_rgb(t.get_color()))) > 0.45, (v, cm)
     plt.close(fig)
+
+
+def test_report_of_a_run_before_its_first_fold_is_one_error_line(small_run, tmp_path):
+    """A run stopped (or still running) before any fold finished: run.json and splits.tsv, no
+    fold record and no result table. One line saying so, exit 2, nothing written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.json", "splits.tsv"):
+        shutil.copy(small_run / name, run / name)
+    assert_user_error(run_cli("report", run), "has no finished folds yet")
+    assert sorted(p.name for p in run.iterdir()) == ["run.json", "splits.tsv"]
