@@ -444,7 +444,13 @@ class RunFolder:
             tables = [read_tsv(p) for p in paths]
             if len(tables[0]) >= len(records):
                 return tables
-        elif not records:  # run.json is there: a run stopped (or still) before its first fold
+        elif not records:
+            missing = [f"results/{p.name}" for p in paths if not p.is_file()]
+            if len(missing) < len(paths):  # some tables and no record: a damaged folder
+                raise NmosdError(
+                    f"{self.root} is not a cv run folder (missing {', '.join(missing)})"
+                )
+            # run.json and nothing else: a run stopped (or still running) before its first fold
             raise NmosdError(f"{self.root} has no finished folds yet")
         return list(self._tables_from_records(models).values())
 
