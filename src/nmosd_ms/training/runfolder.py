@@ -441,9 +441,9 @@ class RunFolder:
         paths = [self.table_path(n) for n in RESULT_TABLES]
         records = self._fold_records(models)
         if all(p.is_file() for p in paths):
-            tables = [read_tsv(p) for p in paths]
-            if len(tables[0]) >= len(records):
-                return tables
+            folds = read_tsv(paths[0])  # the others are read only if these are current
+            if len(folds) >= len(records):
+                return [folds, *(read_tsv(p) for p in paths[1:])]
         elif not records:
             missing = [f"results/{p.name}" for p in paths if not p.is_file()]
             if len(missing) < len(paths):  # some tables and no record: a damaged folder
