@@ -69,11 +69,12 @@ def make_manifest_cohort(tmp: Path, n_per_class: int = 3, shape=(24, 28, 20)) ->
 
 @pytest.fixture(scope="session")
 def phantom_cohort(tmp_path_factory) -> Path:
-    """A small synthetic BIDS cohort (easy difficulty), shared by the session's tests."""
+    """A small synthetic BIDS cohort (easy difficulty), shared by the session's tests (two
+    workers: the same files as one, tested in test_phantom)."""
     from nmosd_ms.phantom import generate_cohort
 
     out = tmp_path_factory.mktemp("phantom") / "bids"
-    generate_cohort(out, n_nmosd=8, n_ms=8, seed=3, difficulty="easy", workers=1)
+    generate_cohort(out, n_nmosd=8, n_ms=8, seed=3, difficulty="easy", workers=2)
     return out
 
 

@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from nmosd_ms.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the benchmarks package, as ``python -m benchmarks`` sees it
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.interrupt import spawn  # noqa: E402  (one rule for children's signals)
+
+__all__ = ["spawn", "wait_for"]
+
+#: A hang guard: far above what any awaited event takes on a loaded 2-core machine.
+HANG_S = 900
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Return once ``predicate()`` is true: an event of the run (a file, a lock), polled.
+    Fails if ``proc`` ended first, or after the hang guard, naming ``what`` was awaited."""
+    deadline = time.monotonic() + HANG_S
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen in {HANG_S} s (hung?)")
+        time.sleep(0.02)
 
 
 def run_cli(*args: str):

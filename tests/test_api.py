@@ -356,6 +356,7 @@ def test_a_format_1_bundle_is_still_read(small_run, tmp_path):
 # --- the example: the API's outputs equal the command line's -----------------------------------
 
 
+@pytest.mark.slow
 def test_the_example_runs_and_equals_the_command_line(tmp_path):
     work = tmp_path / "api"
     opts = ["--n", "4", "--size", "16", "--epochs", "1", "--folds", "2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +65,15 @@ def test_flip_is_left_right_only():
     v = torch.zeros(1, 1, 6, 6, 6)
     v[0, 0, 1, 2, 3] = 1.0
     assert _positions(v, 0, True, range(20)) == {(1, 2, 3), (4, 2, 3)}
+
+
+@pytest.mark.parametrize(("n", "batch"), [(9, 8), (17, 8), (41, 8), (70, 8), (8, 8), (1, 8)])
+def test_every_subject_is_in_exactly_one_batch_of_two_or_more(n, batch):
+    """A last batch of one joins the batch before it. Before this test, 9 subjects at batch 8
+    crashed (IndexError) and 17 gave overlapping batches (subjects 8-15 trained twice)."""
+    from nmosd_ms.training.loop import batch_bounds
+
+    bounds = batch_bounds(n, batch)
+    covered = [i for start, stop in bounds for i in range(start, stop)]
+    assert covered == list(range(n))
+    assert all(stop - start >= 2 for start, stop in bounds) or n == 1

@@ -73,6 +73,7 @@ def test_gpu_estimate_is_the_benchmark_flops_over_the_assumed_throughput(tmp_pat
     assert "not measured" in (tmp_path / "gpu_estimate.md").read_text()
 
 
+@pytest.mark.slow
 def test_cohort_signal_uses_cv_splits_and_seeds(prepared_small, tmp_path):
     """The diagnostic's lesion-load models score exactly what `cv` records for the same
     cache, seed, folds and repeats (same splits, same fold seeds); the map forest scores every
@@ -106,6 +107,7 @@ def test_cohort_signal_uses_cv_splits_and_seeds(prepared_small, tmp_path):
         pooled_maps(v, 0)
 
 
+@pytest.mark.slow
 def test_cohort_signal_refuses_bad_input_in_one_line(tmp_path):
     res = run_benchmark("cohort_signal", str(tmp_path / "nope"))
     lines = res.stderr.strip().splitlines()
@@ -151,6 +153,7 @@ def test_sample_size_subsets_are_nested_and_stratified():
             nested_subsets(labels, sizes, seed=0)
 
 
+@pytest.mark.slow
 def test_sample_size_curve_fits_evaluates_and_resumes(prepared_small, phantom_cohort, tmp_path):
     """Each size: a bundle fitted on its nested subset (all subjects: the cache itself), an
     evaluation on the test cohort, the table's rows equal to the evaluation's metrics; a second
@@ -201,6 +204,7 @@ def test_sample_size_curve_fits_evaluates_and_resumes(prepared_small, phantom_co
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_sample_size_refuses_bad_input_in_one_line(prepared_small, tmp_path):
     for args in (
         ["--sizes", "8,x"],
@@ -218,6 +222,7 @@ def test_sample_size_refuses_bad_input_in_one_line(prepared_small, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_segment_phantoms_measures_what_the_symmetry_step_removes(phantom_cohort, tmp_path):
     """Per subject: the true volume is the one the phantom drew (participants.tsv), step 7 only
     removes, and what it removed splits into lesion and not; a bilateral corticospinal pair under

@@ -202,6 +202,7 @@ def test_the_ids_a_bids_file_name_carries(name, ids):
     assert ids_in_bids_name(name) == ids
 
 
+@pytest.mark.slow
 def test_segment_writes_a_valid_derivative_dataset(two_sessions, tmp_path):
     out = tmp_path / "wmh"
     flair = next((two_sessions / "sub-001" / "ses-02" / "anat").glob("*acq-3D_FLAIR.nii.gz"))
@@ -224,6 +225,7 @@ def test_segment_writes_a_valid_derivative_dataset(two_sessions, tmp_path):
     assert bids_errors(out) == []
 
 
+@pytest.mark.slow
 def test_prepare_segmentations_and_predictions_are_valid_derivatives(
     two_sessions, small_run, tmp_path
 ):

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import RUN_MODELS, make_manifest_cohort, small_cv_config
-from helpers import assert_user_error, cv_command, run_cli
+from helpers import assert_user_error, cv_command, run_cli, spawn, wait_for
 
 from nmosd_ms.config import CVConfig, PrepareConfig, TrainConfig
 from nmosd_ms.data.cache import prepare
@@ -113,14 +112,12 @@ def test_changed_options_are_refused(reference_run, prepared_small):
     assert_user_error(result, "different options", "seed")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(reference_run, prepared_small, tmp_path):
     out = tmp_path / "killed"
     args = cv_command(prepared_small, out)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("folds/twoview-18/repeat-0/fold-*.json")):
-        time.sleep(0.05)
-    time.sleep(0.3)
+    proc = spawn(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: list(out.glob("folds/twoview-18/repeat-0/fold-*.json")), "a fold record", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     records = sorted(out.glob("folds/*/repeat-*/fold-*.json"))
@@ -152,6 +149,7 @@ def _report(run, complete: bool):
     return (run / "report" / "index.html").read_text(), summary
 
 
+@pytest.mark.slow
 def test_dask_executor_matches_local(reference_run, prepared_small, tmp_path):
     reports = []
     run_cv(
@@ -174,6 +172,7 @@ def test_dask_executor_matches_local(reference_run, prepared_small, tmp_path):
     assert reports[-1][0] == reports[-1][1] == len(a)
 
 
+@pytest.mark.slow
 def test_learnable_task_is_learned(tmp_path):
     """Class = lesion in the left vs the right half: the loop must learn it (not just run)."""
     manifest = make_manifest_cohort(tmp_path / "data", n_per_class=16)

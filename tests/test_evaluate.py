@@ -58,7 +58,7 @@ def external(tmp_path_factory):
     from nmosd_ms.phantom import generate_cohort
 
     out = tmp_path_factory.mktemp("ext") / "bids"
-    generate_cohort(out, n_nmosd=7, n_ms=8, seed=21, difficulty="paper", workers=1, site="X")
+    generate_cohort(out, n_nmosd=7, n_ms=8, seed=21, difficulty="paper", workers=2, site="X")
     return out
 
 
@@ -228,6 +228,7 @@ def test_one_class_cohort_gives_what_is_defined(bundle_dir, external):
     assert spec["ci_low"] <= spec["value"] <= spec["ci_high"]
 
 
+@pytest.mark.slow
 def test_overlap_with_the_training_cohort_is_refused(bundle_dir, phantom_cohort, tmp_path):
     out = tmp_path / "ev"
     res = run_cli("evaluate", bundle_dir, phantom_cohort, "--out", out)
@@ -321,6 +322,7 @@ def test_phantom_site_is_validated(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_flair_only_subjects_are_segmented_and_bad_input_writes_nothing(
     bundle_dir, external, tmp_path, monkeypatch
 ):

@@ -20,7 +20,7 @@ from nmosd_ms.models.networks import CentreTapConv2d, MultiViewNet, resnet_backb
 TORCH_MODELS = [n for n, s in MODELS.items() if s.is_torch]
 
 
-@pytest.mark.parametrize("size", [24, 100])
+@pytest.mark.parametrize("size", [24, pytest.param(100, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", TORCH_MODELS)
 def test_shapes_and_gradients(name, size):
     torch.manual_seed(0)

@@ -8,13 +8,14 @@ from concurrent.futures import ProcessPoolExecutor
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 from scipy import ndimage
 
 from nmosd_ms.data.bids import load_bids
 from nmosd_ms.phantom import generate_cohort, load_anatomy, sample_lesion_map
-from nmosd_ms.phantom.generate import _one_blas_thread
+from nmosd_ms.phantom.generate import worker_setup
 from nmosd_ms.phantom.lesions import DIFFICULTIES
 
 
@@ -32,7 +33,7 @@ POOL = 2
 
 def _pool_map(fn, items):
     load_anatomy(2)  # built once here; forked workers inherit it
-    with ProcessPoolExecutor(max_workers=POOL, initializer=_one_blas_thread) as pool:
+    with ProcessPoolExecutor(max_workers=POOL, initializer=worker_setup) as pool:
         return list(pool.map(fn, items, chunksize=8))
 
 
@@ -79,6 +80,7 @@ def test_layout_is_readable_by_prepare(phantom_cohort):
     assert img.shape == mask.shape and np.allclose(img.affine, mask.affine)
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed(tmp_path):
     # two workers: the parallel test below shows they write what one does
     generate_cohort(tmp_path / "a", 3, 3, seed=5, workers=2)
@@ -89,6 +91,7 @@ def test_deterministic_for_a_seed(tmp_path):
     assert a == (tmp_path / "b/participants.tsv").read_text()
 
 
+@pytest.mark.slow
 def test_parallel_workers_give_the_same_cohort(tmp_path):
     generate_cohort(tmp_path / "a", 3, 2, seed=1, workers=1)
     generate_cohort(tmp_path / "b", 3, 2, seed=1, workers=2)
@@ -123,6 +126,7 @@ def test_flair_contrast(phantom_cohort):
     assert ratios and 1.2 <= np.median(ratios) <= 1.6
 
 
+@pytest.mark.slow
 def test_every_subject_has_lesions_that_prepare_counts(prepared_small, tmp_path):
     """The paper's inclusion rule by default: no empty prepared volume, every subject with a
     counted lesion; lesion-free NMOSD only when asked for, in the share asked for."""
@@ -211,6 +215,7 @@ def test_paper_preset_shares_at_typical_sites_and_ms_draws_unchanged(monkeypatch
     assert share(again_nmosd, L.NMOSD_SITES)[0] < got_n - 0.2  # the knob does act on NMOSD
 
 
+@pytest.mark.slow
 def test_spatial_preset_loads_are_indistinguishable():
     """On `spatial`, lesion count and total volume (as prepare counts them: components of at
     least 24 mm³) have the same distribution in both classes: two-sample KS p >= 0.2 on 200
@@ -259,6 +264,7 @@ def _real_ms_masks():
     return [nib.load(p) for p in sorted(root.glob("sub-*/lesion_mask_mni.nii.gz"))]
 
 
+@pytest.mark.slow
 def test_ms_lesion_frequency_matches_real_ms_patients():
     """Voxel-wise lesion frequency of 200 MS phantoms (`paper`) vs the 20 real MNI lesion
     masks, both smoothed 4 mm. Measured 0.757 (the first generator: 0.57; the density the
@@ -282,6 +288,7 @@ def test_ms_lesion_frequency_matches_real_ms_patients():
     assert r >= 0.75
 
 
+@pytest.mark.slow
 def test_ms_load_matches_real_patients():
     """Per-patient lesion count (components of >= 24 mm^3) and total volume of MS phantoms
     (`paper`, as written: on their own moved grid) against the 20 real patients' MNI masks:

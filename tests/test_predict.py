@@ -66,6 +66,7 @@ def test_tampered_or_incomplete_bundle_is_refused(bundle_dir, tmp_path, phantom_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_predict_cli_and_saliency_on_native_scan(bundle_dir, tmp_path):
     root = shared_or_skip("lesjak2017", "sub-01")
     out = tmp_path / "pred"

@@ -44,6 +44,7 @@ def native_cache(tmp_path_factory):
     return cache, root, subs
 
 
+@pytest.mark.slow
 def test_all_native_masks_prepare_and_lesions_survive(native_cache):
     cache, root, subs = native_cache
     assert len(subs) == 20
@@ -60,6 +61,7 @@ def test_all_native_masks_prepare_and_lesions_survive(native_cache):
         assert vol.mean() == pytest.approx(in_fraction, rel=0.10), pid
 
 
+@pytest.mark.slow
 def test_native_sagittal_lps_crops_to_the_brain(native_cache):
     cache, root, _ = native_cache
     prepared = load_prepared(cache)
@@ -72,6 +74,7 @@ def test_native_sagittal_lps_crops_to_the_brain(native_cache):
     assert np.prod(np.subtract(rec.box_hi, rec.box_lo)) < 0.7 * brain_c.size  # background cut
 
 
+@pytest.mark.slow
 def test_inverse_map_returns_to_the_native_grid(native_cache):
     cache, root, _ = native_cache
     prepared = load_prepared(cache)
@@ -87,6 +90,7 @@ def test_inverse_map_returns_to_the_native_grid(native_cache):
     assert dice > 0.6, dice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sub", ["sub-01", "sub-03", "sub-04", "sub-09"])
 def test_raw_2d_flair_with_skull_crops_to_the_head(sub):
     path = shared_or_skip("lesjak2016", sub, "flair.nii.gz")
@@ -104,6 +108,7 @@ def test_raw_2d_flair_with_skull_crops_to_the_head(sub):
     assert data[~inside].mean() < 0.2 * data[inside].mean()
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_invalidated(tmp_path):
     manifest, _, _ = _native_manifest(tmp_path, {"sub-02", "sub-05"})
     cohort = load_manifest(manifest)

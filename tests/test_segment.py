@@ -19,6 +19,7 @@ from nmosd_ms.segment import segment_wmh
 from nmosd_ms.spatial import to_canonical
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sub", "floor"), [("sub-07", 0.55), ("sub-19", 0.7)])
 def test_dice_against_consensus_on_mni_flair(sub, floor, tmp_path):
     root = shared_or_skip("lesjak2017", sub)
@@ -43,6 +44,7 @@ def test_dice_against_consensus_on_mni_flair(sub, floor, tmp_path):
         assert 2 * (kept & gt).sum() / (kept.sum() + gt.sum()) < dice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sub", ["sub-01", "sub-04"])
 def test_raw_2d_flair_with_skull(sub):
     path = shared_or_skip("lesjak2016", sub, "flair.nii.gz")
@@ -185,6 +187,7 @@ def test_symmetric_bright_pairs_are_dropped_and_lesions_kept():
     assert hit["lone"] > 0.5 and hit["midline"] > 0.5
 
 
+@pytest.mark.slow
 def test_fine_scans_are_segmented_at_the_working_spacing(phantom_cohort):
     """A scan finer than the working spacing is box-averaged to it first: a 2 mm phantom whose
     voxels are split in 2×2×2 and declared 1 mm, segmented with a 2 mm working spacing, gives the

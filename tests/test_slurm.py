@@ -17,8 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import ROOT
+from helpers import spawn, wait_for
 
 from nmosd_ms.training.runfolder import DETERMINISTIC_COLUMNS
+
+pytestmark = pytest.mark.slow  # a scheduler started per module: the full tier (make test-all)
 
 SCRIPTS = ROOT / "scripts" / "slurm"
 #: The tiny CV of the scheduler tests (16³, 2 repeats x 2 folds, 2 epochs).
@@ -59,8 +62,8 @@ def _same(run: Path, local: pd.DataFrame) -> None:
 def test_two_shards_started_together_complete_one_run(cache16, local_folds, tmp_path):
     run = tmp_path / "run"
     procs = [
-        subprocess.Popen(_cv(cache16, run, "--threads", "1", "--shard", f"{i}/2"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        spawn(_cv(cache16, run, "--threads", "1", "--shard", f"{i}/2"),
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in (1, 2)
     ]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
@@ -79,11 +82,10 @@ def test_a_killed_shard_resubmitted_completes_the_run(cache16, local_folds, tmp_
     assert res.returncode == 2 and "no run to collect" in res.stderr
     assert not run.exists()  # a refused collect writes nothing
     shard = _cv(cache16, run, "--threads", "1", "--shard", "1/2")
-    proc = subprocess.Popen(shard, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn(shard, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folds = run / "folds"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(folds.glob("twoview-18/*/*.json")):
-        time.sleep(0.2)  # kill it once it has finished a fold and works on the next
+    # kill it once it has finished a fold and works on the next
+    wait_for(lambda: list(folds.glob("twoview-18/*/*.json")), "a fold record", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     res = subprocess.run(_cv(cache16, run, "--collect"), capture_output=True, text=True)
@@ -160,7 +162,7 @@ def slurm(tmp_path_factory):
     except (subprocess.SubprocessError, OSError) as exc:
         pytest.skip(f"SLURM did not start: {exc}")
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a hang guard: the node is up in seconds
         state = ""
         while time.monotonic() < deadline:
             res = subprocess.run(
@@ -169,7 +171,7 @@ def slurm(tmp_path_factory):
             state = res.stdout.strip()
             if state in ("idle", "mix", "alloc"):
                 break
-            time.sleep(1)
+            time.sleep(0.5)
         else:
             log = (
                 (base / "slurmctld.log").read_text()[-600:]
@@ -192,7 +194,7 @@ def _wait(job: str, env: dict, timeout: float = 900) -> None:
         res = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=env)
         if not res.stdout.strip():
             return
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"SLURM job {job} did not finish in {timeout} s")
 
 

@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, make_manifest_cohort, save_nifti, small_cv_config
-from helpers import assert_user_error, cached_array, cv_command, run_cli
+from helpers import HANG_S, assert_user_error, cached_array, cv_command, run_cli, spawn, wait_for
 
 from nmosd_ms.config import PrepareConfig, TrainConfig
 from nmosd_ms.data import cache as cache_module
@@ -114,7 +113,7 @@ def test_predict_refuses_unsafe_ids_from_a_manifest_or_the_command_line(small_ru
 def test_closed_pipe_ends_without_a_traceback():
     res = subprocess.run(
         f"{sys.executable} -m nmosd_ms cv --help | head -1; "
-        f"{sys.executable} -m nmosd_ms models --json | head -c 5",
+        f"{sys.executable} -m nmosd_ms models --json --size 16 | head -c 5",
         shell=True,
         capture_output=True,
         text=True,
@@ -124,17 +123,17 @@ def test_closed_pipe_ends_without_a_traceback():
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "nmosd_ms", "phantom", str(tmp_path / "ph"), "--n-nmosd", "30"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(tmp_path.glob(".ph-tmp-*/sub-*")):
-        time.sleep(0.05)  # wait until it generates subjects
+    # SIGINT once it generates subjects (spawn gives the child SIGINT's default disposition:
+    # a suite started with `nohup make test &` runs with SIGINT ignored, and children inherit it)
+    wait_for(lambda: list(tmp_path.glob(".ph-tmp-*/sub-*")), "the first subject", proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted"
@@ -144,20 +143,12 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 # --- one writer per folder; run folders shared by identical writers ----------------------------
 
 
-def _wait_for(predicate, seconds=120):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
+@pytest.mark.slow
 def test_a_writer_with_other_options_is_refused_naming_the_holder(prepared_small, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen(cv_command(prepared_small, out, epochs=40), stderr=subprocess.DEVNULL)
+    holder = spawn(cv_command(prepared_small, out, epochs=40), stderr=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: list(out.glob("claims/*/repeat-0/fold-0.lock")))
+        wait_for(lambda: list(out.glob("claims/*/repeat-0/fold-0.lock")), "a claim", holder)
         res = run_cli(*cv_command(prepared_small, out, epochs=2)[3:])
         line = assert_user_error(res, "different options", "train")
         assert f"pid {holder.pid}" in line
@@ -168,11 +159,11 @@ def test_a_writer_with_other_options_is_refused_naming_the_holder(prepared_small
     assert_user_error(res, "holds a run with different options")
 
 
+@pytest.mark.slow
 def test_identical_writers_share_the_folds_and_train_each_once(small_run, prepared_small, tmp_path):
     out = tmp_path / "shared"
     procs = [
-        subprocess.Popen(cv_command(prepared_small, out), stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
+        spawn(cv_command(prepared_small, out), stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -188,12 +179,13 @@ def test_identical_writers_share_the_folds_and_train_each_once(small_run, prepar
     assert json.loads((out / "run.json").read_text())["finished"]
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_lasting_claim_and_its_temporaries_are_cleared(
     small_run, prepared_small, tmp_path
 ):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cv_command(prepared_small, out), stderr=subprocess.DEVNULL)
-    assert _wait_for(lambda: list(out.glob("claims/*/repeat-0/fold-0.lock")))
+    proc = spawn(cv_command(prepared_small, out), stderr=subprocess.DEVNULL)
+    wait_for(lambda: list(out.glob("claims/*/repeat-0/fold-0.lock")), "a claim", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # what a kill during a weights write leaves behind
@@ -547,6 +539,7 @@ def _small_run(prepared_small, run, *options):
     assert res.exit_code == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_fit_from_a_run_records_and_applies_its_whole_training_configuration(
     prepared_small, tmp_path, monkeypatch
 ):

@@ -169,6 +169,22 @@ class Bar:
         self.progress.update(
             self.task, completed=done, total=total, description=label or self.label
         )
+        _log_progress(label or self.label, done, total)
+
+
+#: Names a file to which every progress report is appended as one line, ``label<TAB>done<TAB>
+#: total`` (the first one, ``0``, when the work starts), for whatever follows a run without a
+#: terminal: a job monitor, a wrapper's progress display, the tests that interrupt a run.
+PROGRESS_FILE = "NMOSD_MS_PROGRESS_FILE"
+
+
+def _log_progress(label: str, done: int, total: int) -> None:
+    import os
+
+    path = os.environ.get(PROGRESS_FILE)
+    if path:
+        with open(path, "a", encoding="utf-8") as log:  # one short line per write: O_APPEND
+            log.write(f"{label}\t{done}\t{total}\n")
 
 
 #: Torch threads of a command that trains one model (``fit``, ``pretrain``); ``cv`` has its own
@@ -429,6 +445,14 @@ def cv(
     executor: Annotated[ExecutorName, typer.Option(help="where folds are trained")] = "local",
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster workers")] = 2,
+    folds_per_device: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="--executor dask on GPUs: folds trained at once on each GPU, each in its own "
+            "worker process (a small network leaves most of a large GPU idle)",
+        ),
+    ] = 1,
     threads: Annotated[
         int, typer.Option(min=0, help="torch threads per fold (0: all cores / per Dask worker)")
     ] = 0,
@@ -459,7 +483,7 @@ def cv(
 
     Several cv commands with the same options may work on one --out folder at once (each fold
     is trained once); one with other options is refused."""
-    from .training.cv import run_cv
+    from .training.cv import executor_for, run_cv
 
     config = CVConfig(
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
@@ -477,9 +501,7 @@ def cv(
             out_dir,
             config,
             device=device,
-            executor=executor,
-            scheduler=scheduler,
-            workers=workers,
+            executor=executor_for(executor, scheduler, workers, threads, device, folds_per_device),
             progress=bar,
             threads=threads,
             shard=_parse_shard(shard),
@@ -633,9 +655,18 @@ def fit(
         values = {**base.model_dump(), **{k: config_values[k] for k in config_given}}
     train = TrainConfig(**values)
     _precision_note(train.precision, device)
-    path = fit_bundle(
-        cache_dir, model, out_dir, train, seed=seed, device=device, size=size, threads=threads
-    )
+    with Bar("fit") as bar:
+        path = fit_bundle(
+            cache_dir,
+            model,
+            out_dir,
+            train,
+            seed=seed,
+            device=device,
+            size=size,
+            threads=threads,
+            progress=bar,
+        )
     out.print(f"bundle: {path} (fitted on the whole cohort; performance: see nmosd-ms cv)")
 
 

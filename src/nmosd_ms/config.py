@@ -120,6 +120,20 @@ class TrainConfig(_Options):
     eval_every: int = Field(
         1, ge=1, description="epochs between held-out curve points (curves only, never selection)"
     )
+    channels_last: bool = Field(
+        False,
+        description=(
+            "CUDA only (ignored on a CPU): the network and its batches in channels-last memory "
+            "(NDHWC for 3D networks), which cuDNN runs faster in bf16"
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "CUDA only (ignored on a CPU): torch.compile the network's training steps (a minute "
+            "or more of compilation per fold, then shorter steps)"
+        ),
+    )
 
     @field_validator("weights")
     @classmethod

@@ -43,6 +43,7 @@ def fit_bundle(
     device: str = "auto",
     size: int | None = None,
     threads: int = 0,
+    progress: loop.EpochCallback | None = None,
 ) -> Path:
     """Train ``model`` on the whole prepared cohort and write it as a new bundle.
 
@@ -67,6 +68,8 @@ def fit_bundle(
         Torch threads while it trains (0: torch's setting); restored afterwards. Recorded in
         the bundle's ``training.environment`` with the device and versions (it changes the time
         and, on a CPU, the last bits of the weights, not the recipe).
+    progress : callable, optional
+        ``progress(epoch, epochs)`` when training starts (epoch 0) and after each epoch.
     """
     spec = fittable_spec(model)
     out = Path(out_dir)
@@ -89,7 +92,11 @@ def fit_bundle(
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
     with loop.torch_threads(threads):
         environment = loop.environment(loop.resolve_device(device))  # with the threads it uses
-        res = loop.train_torch_fold(model, vols, cohort.labels, idx, idx[:0], train, seed, device)
+        if progress:
+            progress(0, train.epochs)
+        res = loop.train_torch_fold(
+            model, vols, cohort.labels, idx, idx[:0], train, seed, device, progress
+        )
     name = "weights/full.safetensors"
     record, baselines = cohort_record(cohort, seed)
     training = {

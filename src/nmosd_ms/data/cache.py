@@ -60,6 +60,7 @@ from ..io import (
     write_tsv,
 )
 from ..locking import check_own_folder, writing_folder
+from ..pools import stopping_pool
 from ..spatial import SpatialRecord
 from .features import FEATURES
 from .ingest import Cohort, Subject, scan_key, validate_participant_id
@@ -165,7 +166,8 @@ def _prepare_locked(cohort, out: Path, config, workers, progress) -> dict:
         return s.key, prepare_subject(s, config)
 
     # Threads suffice: gzip, numpy and torch release the GIL. One worker runs in order.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    with stopping_pool(pool):
         for pid, res in pool.map(work, todo):
             results[pid] = res
             done += 1

@@ -22,6 +22,7 @@ from scipy.spatial.transform import Rotation
 from ..constants import __version__
 from ..errors import NmosdError
 from ..io import atomic_dir, atomic_path, write_json, write_text, write_tsv
+from ..pools import stopping_pool
 from .anatomy import load_anatomy
 from .lesions import DIFFICULTIES, GENERATOR_REVISION, make_lesion, paint, sample_lesions
 
@@ -192,12 +193,16 @@ PARTICIPANT_COLUMNS = {
 }
 
 
-def _one_blas_thread() -> None:
+def worker_setup() -> None:
     """A worker of ``generate_cohort`` uses one BLAS/OpenMP thread: the parallelism is across
     subjects (measured on 2 cores, 8 subjects: 2 workers of 2 threads each 11.1 s, against
-    16.2 s for one process)."""
+    16.2 s for one process). It ignores SIGINT: a Ctrl-C reaches the whole process group, and
+    the parent, which handles it, ends the workers (:func:`~nmosd_ms.pools.stopping_pool`)."""
+    import signal
+
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threadpool_limits(1)
 
 
@@ -298,7 +303,8 @@ def _generate(
     if progress:
         progress(0, len(jobs))
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_setup)
+        with stopping_pool(pool):
             for pid, s in pool.map(_job, jobs):
                 results[pid] = s
                 if progress:

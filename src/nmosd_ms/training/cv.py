@@ -24,7 +24,7 @@ from ..locking import Lock
 from ..models import get_spec, model_weights
 from ..models.complexity import count_flops, count_parameters
 from ..spatial import resize
-from .executors import FoldInputs, LocalExecutor, make_executor
+from .executors import DaskExecutor, FoldInputs, LocalExecutor, make_executor
 from .loop import FoldOutput, environment, resolve_device
 from .plan import FoldTask, check_no_leak, plan_splits, plan_tasks, splits_frame
 from .pretrain import check_pretraining, prior_reference
@@ -62,6 +62,23 @@ def _model_info(name: str, size: int, default_weights: str, prior=None) -> dict:
 
 #: Seconds between two looks at folds that other writers of the same run folder hold.
 POLL_SECONDS = 2.0
+
+
+def executor_for(
+    name: str,
+    scheduler: str | None = None,
+    workers: int = 2,
+    threads: int = 0,
+    device: str = "auto",
+    folds_per_device: int = 1,
+) -> LocalExecutor | DaskExecutor:
+    """The executor ``run_cv`` uses for these options (:func:`.executors.make_executor`), its
+    refusals as user errors."""
+    try:
+        return make_executor(name, scheduler, workers, threads, device, folds_per_device)
+    except ValueError as exc:
+        option = "folds_per_device" if "per device" in str(exc) else "executor"
+        raise NmosdError(str(exc), option=option) from None
 
 
 def run_cv(
@@ -129,10 +146,7 @@ def run_cv(
         if collect:
             raise NmosdError("collect trains nothing: give it no shard", option="shard")
     if isinstance(executor, str):
-        try:
-            executor = make_executor(executor, scheduler, workers, threads, device)
-        except ValueError as exc:
-            raise NmosdError(str(exc), option="executor") from None
+        executor = executor_for(executor, scheduler, workers, threads, device)
     folder = RunFolder(out_dir)
     folder.check_own()
     if collect and not folder.has_run():

@@ -160,16 +160,22 @@ class DaskExecutor:
         workers: int = 2,
         threads: int = 0,
         gpus: list[str] | None = None,
+        folds_per_device: int = 1,
     ):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if threads < 0:
             raise ValueError(f"threads must be 0 (automatic) or more, not {threads}")
+        if folds_per_device < 1:
+            raise ValueError(f"folds per device must be at least 1, not {folds_per_device}")
         if gpus is not None and scheduler:
             raise ValueError("gpus pins the workers this executor starts, not a running cluster's")
+        if folds_per_device > 1 and not gpus:
+            raise ValueError("several folds per device need the GPUs to pin them to")
         self.scheduler = scheduler
         self.gpus = list(gpus) if gpus is not None else None
-        self.workers = len(self.gpus) if self.gpus else workers
+        self.folds_per_device = folds_per_device
+        self.workers = len(self.gpus) * folds_per_device if self.gpus else workers
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.workers)
         self.client = self.cluster = None
 
@@ -180,6 +186,7 @@ class DaskExecutor:
             "workers": self.workers,
             "threads_per_fold": self.threads,
             "gpus": self.gpus,
+            "folds_per_device": self.folds_per_device,
         }
 
     def __enter__(self) -> DaskExecutor:
@@ -194,12 +201,12 @@ class DaskExecutor:
         # mmap threshold: every large tensor is then a fresh mmap, and training ran 2-3x slower
         # (measured: 3.0 s vs 1.2 s per epoch, mostly system time). Keep glibc's defaults.
         environ = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
-        if self.gpus:  # one worker per GPU, each seeing only its own (its "cuda" is that GPU)
+        if self.gpus:  # workers pinned to GPUs, each seeing only its own (its "cuda")
             from dask.distributed import Scheduler, SpecCluster
 
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
                 self.cluster = SpecCluster(
-                    workers=gpu_worker_specs(self.gpus),
+                    workers=gpu_worker_specs(self.gpus, self.folds_per_device),
                     scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
                 )
             self.client = Client(self.cluster)
@@ -245,8 +252,13 @@ class DaskExecutor:
                 lambda event: on_epoch(event[1]["fold"], event[1]["epoch"], event[1]["epochs"]),
             )
         try:
-            scattered = {s: client.scatter(v, broadcast=True) for s, v in inputs.volumes.items()}
-            empty = client.scatter(_EMPTY, broadcast=True)
+            # hash=False: each call's data under keys of its own. With content-hashed keys a
+            # second run() (cv calls it again while other writers hold folds) scattered under
+            # the first one's keys, whose release then cancelled its folds ("lost dependencies")
+            scattered = {
+                s: client.scatter(v, broadcast=True, hash=False) for s, v in inputs.volumes.items()
+            }
+            empty = client.scatter(_EMPTY, broadcast=True, hash=False)
             source: Iterator[FoldTask] = iter(tasks)
             running = as_completed()
             futures = {}
@@ -291,20 +303,25 @@ class DaskExecutor:
                 client.unsubscribe_topic(DaskEpochEvents.TOPIC)
 
 
-def gpu_worker_specs(gpus: list[str]) -> dict[str, dict]:
-    """Dask worker specs (for ``SpecCluster``) of one worker process per GPU: worker ``i`` sees
-    only ``gpus[i]`` through ``CUDA_VISIBLE_DEVICES`` (so its ``cuda`` device is that GPU and
-    no two folds share a card), with one Dask thread (one fold at a time)."""
+def gpu_worker_specs(gpus: list[str], per_device: int = 1) -> dict[str, dict]:
+    """Dask worker specs (for ``SpecCluster``) of ``per_device`` worker processes per GPU: each
+    sees only its GPU through ``CUDA_VISIBLE_DEVICES`` (so its ``cuda`` device is that GPU) and
+    trains one fold at a time (one Dask thread). With ``per_device`` > 1 several folds share a
+    card, each in its own process and CUDA context: a small network leaves most of a large GPU
+    idle, and separate processes keep their kernel launches apart."""
     if len(set(gpus)) != len(gpus) or not gpus:
         raise ValueError(f"give distinct GPU indices or UUIDs, not {gpus}")
+    if per_device < 1:
+        raise ValueError(f"folds per device must be at least 1, not {per_device}")
     from dask.distributed import Nanny
 
     return {
-        f"gpu-{g}": {
+        f"gpu-{g}" + (f"-{k}" if per_device > 1 else ""): {
             "cls": Nanny,
             "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(g)}},
         }
         for g in gpus
+        for k in range(per_device)
     }
 
 
@@ -326,13 +343,25 @@ def make_executor(
     workers: int = 2,
     threads: int = 0,
     device: str = "cpu",
+    folds_per_device: int = 1,
 ) -> LocalExecutor | DaskExecutor:
     """The executor called ``name`` ("local" or "dask"). A Dask cluster started here for
-    ``device`` "cuda" (or "auto") on a machine with several visible GPUs gets one worker per
-    GPU, each pinned to its own (``workers`` is then the number of GPUs)."""
+    ``device`` "cuda" (or "auto") on a machine with several visible GPUs, or with
+    ``folds_per_device`` > 1, gets ``folds_per_device`` workers per GPU, each pinned to its own
+    (``workers`` is then ignored)."""
+    if folds_per_device > 1 and (name != "dask" or scheduler or device not in ("cuda", "auto")):
+        raise ValueError(
+            "several folds per device need --executor dask, no --scheduler and --device cuda"
+        )
     if name == "local":
         return LocalExecutor(threads)
     if name == "dask":
         gpus = visible_gpus() if device in ("cuda", "auto") and not scheduler else []
-        return DaskExecutor(scheduler, workers, threads, gpus=gpus if len(gpus) > 1 else None)
+        if folds_per_device > 1 and not gpus:
+            raise ValueError("several folds per device need a GPU, and none is visible here")
+        pinned = len(gpus) > 1 or folds_per_device > 1
+        return DaskExecutor(
+            scheduler, workers, threads, gpus=gpus if pinned else None,
+            folds_per_device=folds_per_device,
+        )  # fmt: skip
     raise ValueError(f"executor must be one of {sorted(EXECUTORS)}, not {name!r}")
