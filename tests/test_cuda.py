@@ -72,13 +72,28 @@ def test_fp32_folds_are_bit_identical_on_the_same_gpu():
 
 @pytest.mark.cuda
 @needs_cuda
-def test_channels_last_keeps_the_weights_layout_and_the_result_close():
-    plain = _fold("resnet3d-18", "cuda", size=16)
-    tuned = _fold("resnet3d-18", "cuda", TRAIN.model_copy(update={"channels_last": True}), size=16)
-    assert plain.state_dict.keys() == tuned.state_dict.keys()
-    for k, v in tuned.state_dict.items():
-        assert v.shape == plain.state_dict[k].shape and v.is_contiguous(), k
-    assert np.abs(plain.prob_nmosd - tuned.prob_nmosd).max() < 0.05
+def test_channels_last_keeps_the_weights_and_computes_the_same_function():
+    """The same weights give the same outputs in either memory layout (cuDNN picks other
+    algorithms: equal to rounding), and a fold trained channels-last hands back weights of the
+    usual keys, shapes and layout. Its probabilities are not compared with a plain fold's: two
+    epochs on 8 maps amplify rounding (and max-pool's non-deterministic backward) into other
+    weights."""
+    from nmosd_ms.models import get_spec
+
+    torch.manual_seed(0)
+    plain = get_spec("resnet3d-18").build(size=16).cuda().eval()
+    last = get_spec("resnet3d-18").build(size=16).cuda().eval()
+    last.load_state_dict(plain.state_dict())
+    last.to(memory_format=torch.channels_last_3d)
+    x = _cohort(size=16)[0][:4].cuda()
+    with torch.no_grad():
+        a, b = plain(x), last(x.contiguous(memory_format=torch.channels_last_3d))
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
+    fold = _fold("resnet3d-18", "cuda", TRAIN.model_copy(update={"channels_last": True}), 16)
+    reference = get_spec("resnet3d-18").build(size=16).state_dict()
+    assert fold.state_dict.keys() == reference.keys()
+    for k, v in fold.state_dict.items():
+        assert v.shape == reference[k].shape and v.is_contiguous(), k
 
 
 @pytest.mark.cuda
