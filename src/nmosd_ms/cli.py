@@ -164,7 +164,10 @@ class Bar:
 
     def __call__(self, done: int, total: int, label: str | None = None) -> None:
         if self.task is None:
-            self.progress.__enter__()
+            from .pools import threads_without_stop_signals
+
+            with threads_without_stop_signals():  # the display's thread: Ctrl-C is not for it
+                self.progress.__enter__()
             self.task = self.progress.add_task(self.label, total=total)
         self.progress.update(
             self.task, completed=done, total=total, description=label or self.label

@@ -60,7 +60,7 @@ from ..io import (
     write_tsv,
 )
 from ..locking import check_own_folder, writing_folder
-from ..pools import stopping_pool
+from ..pools import pool_map, stopping_pool
 from ..spatial import SpatialRecord
 from .features import FEATURES
 from .ingest import Cohort, Subject, scan_key, validate_participant_id
@@ -168,7 +168,7 @@ def _prepare_locked(cohort, out: Path, config, workers, progress) -> dict:
     # Threads suffice: gzip, numpy and torch release the GIL. One worker runs in order.
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     with stopping_pool(pool):
-        for pid, res in pool.map(work, todo):
+        for pid, res in pool_map(pool, work, todo):
             results[pid] = res
             done += 1
             if progress:

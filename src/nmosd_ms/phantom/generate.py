@@ -22,7 +22,7 @@ from scipy.spatial.transform import Rotation
 from ..constants import __version__
 from ..errors import NmosdError
 from ..io import atomic_dir, atomic_path, write_json, write_text, write_tsv
-from ..pools import stopping_pool
+from ..pools import pool_map, stopping_pool, worker_signals
 from .anatomy import load_anatomy
 from .lesions import DIFFICULTIES, GENERATOR_REVISION, make_lesion, paint, sample_lesions
 
@@ -196,13 +196,10 @@ PARTICIPANT_COLUMNS = {
 def worker_setup() -> None:
     """A worker of ``generate_cohort`` uses one BLAS/OpenMP thread: the parallelism is across
     subjects (measured on 2 cores, 8 subjects: 2 workers of 2 threads each 11.1 s, against
-    16.2 s for one process). It ignores SIGINT: a Ctrl-C reaches the whole process group, and
-    the parent, which handles it, ends the workers (:func:`~nmosd_ms.pools.stopping_pool`)."""
-    import signal
-
+    16.2 s for one process). Ctrl-C is the parent's to handle (:func:`~nmosd_ms.pools.worker_signals`)."""
     from threadpoolctl import threadpool_limits
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_signals()
     threadpool_limits(1)
 
 
@@ -305,7 +302,7 @@ def _generate(
     if workers > 1:
         pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_setup)
         with stopping_pool(pool):
-            for pid, s in pool.map(_job, jobs):
+            for pid, s in pool_map(pool, _job, jobs):
                 results[pid] = s
                 if progress:
                     progress(len(results), len(jobs))
