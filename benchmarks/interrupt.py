@@ -124,12 +124,12 @@ def scenarios(inp: Inputs) -> list[Scenario]:
     return [
         Scenario(
             "phantom",
-            lambda o: ["phantom", str(o), "--n-nmosd", "6", "--n-ms", "6", "--difficulty", "easy"],
+            lambda o: ["phantom", str(o), "--n-nmosd", "4", "--n-ms", "4", "--difficulty", "easy"],
             (STARTED, FIRST, HALF),
         ),
         Scenario(
             "phantom --workers 2",
-            lambda o: ["phantom", str(o), "--n-nmosd", "6", "--n-ms", "6", "--workers", "2"],
+            lambda o: ["phantom", str(o), "--n-nmosd", "4", "--n-ms", "4", "--workers", "2"],
             (STARTED, FIRST, HALF),
         ),
         Scenario(
