@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import pickle
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,9 @@ def safe_torch_load(path: str | os.PathLike) -> dict:
     """``torch.load`` restricted to tensors and plain containers (never arbitrary objects)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # garbage makes the weights-only unpickler raise almost anything
+        # (UnpicklingError, EOFError, and on some byte strings IndexError, KeyError...): every
+        # one of them means the same to the user, a file that is not a plain tensor file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NmosdError(
             f"refusing weight file {path}: not a plain tensor file ({first})"
