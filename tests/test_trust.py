@@ -769,3 +769,18 @@ def test_a_refused_weight_write_is_an_os_error(tmp_path):
         write_tensors(tmp_path / "gone" / "w.safetensors", {"a": torch.zeros(2)})
     save_tensors(tmp_path / "ok.safetensors", {"a": np.zeros(2, dtype=np.float32)})
     assert (tmp_path / "ok.safetensors").stat().st_size > 0
+
+
+def test_an_interrupt_while_a_lock_records_its_holder_leaves_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C between writing a lock's holder record and renaming it into place (seen in CI as
+    ``.fold-0.lock.json.PID.tmp`` left in a cv run folder) leaves nothing behind."""
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    lock = Lock(tmp_path / "claims" / "fold-0.lock")
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["fold-0.lock"]

@@ -84,8 +84,11 @@ class Lock:
         except Timeout:
             return False
         tmp = self.record_path.with_name(f".{self.record_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_holder_record()) + "\n")
-        os.replace(tmp, self.record_path)
+        try:
+            tmp.write_text(json.dumps(_holder_record()) + "\n")
+            os.replace(tmp, self.record_path)
+        finally:  # an interrupt (Ctrl-C) between the two steps must not leave the temporary
+            tmp.unlink(missing_ok=True)
         return True
 
     def release(self) -> None:
