@@ -111,7 +111,7 @@ def make_cohort(work: Path, setup: Setup) -> tuple[object, dict]:
     """The synthetic paper cohort (41 NMOSD / 47 MS) prepared at 100³, timed."""
     from nmosd_ms.config import PrepareConfig
     from nmosd_ms.data.cache import load_prepared, prepare
-    from nmosd_ms.data.ingest import load_cohort
+    from nmosd_ms.data.dataset import load_cohort
     from nmosd_ms.phantom import generate_cohort
 
     workers = max(1, min(16, os.cpu_count() or 1))
@@ -132,7 +132,7 @@ def time_fold(cohort, setup: Setup, model: str, precision: str, **options) -> di
     allocations), per training step, and for the whole fold. ``options``: TrainConfig fields
     (``epochs`` among them)."""
     from nmosd_ms.config import TrainConfig
-    from nmosd_ms.training.loop import train_torch_fold
+    from nmosd_ms.training.loop import FoldData, train_torch_fold
     from nmosd_ms.training.plan import plan_splits
 
     split = plan_splits(cohort.labels, 5, 1, 0)[0]
@@ -141,7 +141,8 @@ def time_fold(cohort, setup: Setup, model: str, precision: str, **options) -> di
     torch.use_deterministic_algorithms(True, warn_only=True)
     idx = (split.train_idx, split.test_idx)
     t = time.perf_counter()
-    out = train_torch_fold(model, vols, cohort.labels, *idx, train, 0, setup.device)
+    fold = FoldData(vols, cohort.labels, *idx)
+    out = train_torch_fold(model, fold, train, seed=0, device=setup.device)
     total = time.perf_counter() - t
     steps = len(split.train_idx) // train.batch_size
     epoch_s = [r["seconds"] for r in out.curves]

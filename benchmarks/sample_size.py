@@ -35,7 +35,8 @@ from benchmarks import ArgumentParser
 from nmosd_ms.bundle import load_bundle, read_info
 from nmosd_ms.config import Precision, TrainConfig
 from nmosd_ms.data.cache import PreparedCohort, load_prepared
-from nmosd_ms.data.ingest import Cohort, load_cohort
+from nmosd_ms.data.dataset import load_cohort
+from nmosd_ms.data.ingest import Cohort
 from nmosd_ms.errors import NmosdError
 from nmosd_ms.evaluate import evaluate_cohort, find_overlap, read_tables
 from nmosd_ms.fit import fit_bundle, fittable_spec

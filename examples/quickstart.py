@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
         seed=0,
         train=nm.TrainConfig(epochs=args.epochs),
     )
-    meta = nm.run_cv(work / "prepared", work / "run", config, device="cpu", threads=1)
+    meta = nm.run_cv(
+        work / "prepared", work / "run", config, device="cpu", executor=nm.LocalExecutor(threads=1)
+    )
     print(f"cross-validated {', '.join(meta['models'])}")
 
     # 4. the report (nmosd-ms report): tables, figures and one HTML page

@@ -83,7 +83,7 @@ def prepared_small(phantom_cohort, tmp_path_factory) -> Path:
     """The phantom cohort prepared at S = 24 (fast tests)."""
     from nmosd_ms.config import PrepareConfig
     from nmosd_ms.data.cache import prepare
-    from nmosd_ms.data.ingest import load_cohort
+    from nmosd_ms.data.dataset import load_cohort
 
     out = tmp_path_factory.mktemp("cache") / "c24"
     prepare(load_cohort(phantom_cohort), out, PrepareConfig(size=24))
@@ -112,7 +112,8 @@ def small_cv_config(**kw):
 @pytest.fixture(scope="session")
 def small_run(prepared_small, tmp_path_factory) -> Path:
     from nmosd_ms.training.cv import run_cv
+    from nmosd_ms.training.executors import LocalExecutor
 
     out = tmp_path_factory.mktemp("cv") / "run"
-    run_cv(prepared_small, out, small_cv_config(), device="cpu", threads=1)
+    run_cv(prepared_small, out, small_cv_config(), device="cpu", executor=LocalExecutor(threads=1))
     return out

@@ -229,7 +229,7 @@ def test_segment_writes_a_valid_derivative_dataset(two_sessions, tmp_path):
 def test_prepare_segmentations_and_predictions_are_valid_derivatives(
     two_sessions, small_run, tmp_path
 ):
-    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.export import export_bundle
     from nmosd_ms.predict import PREDICTIONS
 
     # prepare --segment-missing keeps its masks as a derivative dataset inside the cache

@@ -33,7 +33,8 @@ def _fold(model: str, device: str, config: TrainConfig = TRAIN, size: int = 24):
     vols, labels = _cohort(size=size)
     idx = np.arange(len(labels))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return loop.train_torch_fold(model, vols, labels, idx[:8], idx[8:], config, 5, device)
+    fold = loop.FoldData(vols, labels, idx[:8], idx[8:])
+    return loop.train_torch_fold(model, fold, config, seed=5, device=device)
 
 
 def _same_fold(a, b) -> None:
@@ -131,9 +132,8 @@ def test_two_folds_per_device_run_in_pinned_workers_of_one_gpu():
     assert len(done) == 2 and all(o.device.startswith("cuda") for _, o in done)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as in every fold
     for t, o in done:  # a fold trained in a pinned worker equals the same fold trained here
-        here = loop.train_torch_fold(
-            "twoview-18", vols, labels, t.train_idx, t.test_idx, TRAIN, t.seed, "cuda"
-        )
+        fold = loop.FoldData(vols, labels, t.train_idx, t.test_idx)
+        here = loop.train_torch_fold("twoview-18", fold, TRAIN, seed=t.seed, device="cuda")
         assert np.allclose(here.prob_nmosd, o.prob_nmosd, atol=1e-5)
 
 
@@ -142,7 +142,8 @@ def test_two_folds_per_device_run_in_pinned_workers_of_one_gpu():
 def test_predict_and_evaluate_run_on_the_gpu(small_run, phantom_cohort, tmp_path):
     from helpers import run_cli
 
-    from nmosd_ms.bundle import export_bundle, load_bundle
+    from nmosd_ms.bundle import load_bundle
+    from nmosd_ms.export import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "bundle")
     vols, _ = _cohort()

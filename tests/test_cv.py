@@ -18,7 +18,8 @@ from nmosd_ms.data.cache import prepare
 from nmosd_ms.data.ingest import load_manifest
 from nmosd_ms.evaluation.metrics import binary_metrics
 from nmosd_ms.models import get_spec
-from nmosd_ms.training.cv import DETERMINISTIC_COLUMNS, run_cv
+from nmosd_ms.training.cv import DETERMINISTIC_COLUMNS, executor_for, run_cv
+from nmosd_ms.training.executors import LocalExecutor
 
 _cfg = small_cv_config
 EPOCHS = _cfg().train.epochs
@@ -86,7 +87,9 @@ def test_fold_metrics_recompute_from_predictions(reference_run):
 
 
 def test_same_seed_gives_identical_folds(reference_run, prepared_small, tmp_path):
-    run_cv(prepared_small, tmp_path / "again", _cfg(), device="cpu", threads=1)
+    run_cv(
+        prepared_small, tmp_path / "again", _cfg(), device="cpu", executor=LocalExecutor(threads=1)
+    )
     a = _tsv(reference_run / "results/folds.tsv")[DETERMINISTIC_COLUMNS]
     b = _tsv(tmp_path / "again/results/folds.tsv")[DETERMINISTIC_COLUMNS]
     pd.testing.assert_frame_equal(a, b)
@@ -157,9 +160,7 @@ def test_dask_executor_matches_local(reference_run, prepared_small, tmp_path):
         tmp_path / "dask",
         _cfg(),
         device="cpu",
-        executor="dask",
-        workers=2,
-        threads=1,
+        executor=executor_for("dask", workers=2, threads=1),
         progress=lambda done, total, label=None: reports.append((done, total, label)),
     )
     a = _tsv(reference_run / "results/folds.tsv")[DETERMINISTIC_COLUMNS]
@@ -206,7 +207,9 @@ def test_pretrained_and_scratch_variants_share_a_run(prepared_small, tmp_path, m
         W.IMAGENET, 18, W.WeightsSpec(f"https://x.invalid/{path.name}", W._sha256(path)[:8])
     )
     cfg = _cfg(models=("twoview-18", "twoview-18@imagenet"), repeats=1, shortcut=False)
-    meta = run_cv(prepared_small, tmp_path / "run", cfg, device="cpu", threads=1)
+    meta = run_cv(
+        prepared_small, tmp_path / "run", cfg, device="cpu", executor=LocalExecutor(threads=1)
+    )
     assert meta["models"]["twoview-18@imagenet"]["weights"] == "imagenet"
     assert meta["models"]["twoview-18"]["weights"] == "none"
     folds = _tsv(tmp_path / "run/results/folds.tsv")

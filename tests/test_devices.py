@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nmosd_ms.errors import NmosdError
-from nmosd_ms.training import loop
+from nmosd_ms.training import device
 
 
 @pytest.fixture
@@ -30,32 +30,32 @@ def fake_gpu(monkeypatch):
 def test_a_gpu_without_native_bf16_is_refused_with_fp16_named(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: False)
     with pytest.raises(NmosdError, match="no native bf16.*use fp16") as err:
-        loop.prepare_device(torch.device("cuda"), "bf16")
+        device.prepare_device(torch.device("cuda"), "bf16")
     assert err.value.option == "precision"
-    loop.prepare_device(torch.device("cuda"), "fp16")  # fp16 is fine there
+    device.prepare_device(torch.device("cuda"), "fp16")  # fp16 is fine there
 
 
 def test_fp32_on_a_gpu_means_fp32_and_each_fold_has_its_own_peak(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)
-    loop.prepare_device(torch.device("cuda"), "fp32")
+    device.prepare_device(torch.device("cuda"), "fp32")
     assert torch.backends.cudnn.allow_tf32 is False
     assert torch.get_float32_matmul_precision() == "highest"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # deterministic cuBLAS
     assert fake_gpu == ["reset"]
-    assert loop._clock(torch.device("cuda")) > 0 and fake_gpu[-1] == "sync"  # timers wait
+    assert device.clock(torch.device("cuda")) > 0 and fake_gpu[-1] == "sync"  # timers wait
     fake_gpu.clear()
-    loop.prepare_device(torch.device("cpu"), "bf16")  # nothing to do on a CPU
-    loop._clock(torch.device("cpu"))
+    device.prepare_device(torch.device("cpu"), "bf16")  # nothing to do on a CPU
+    device.clock(torch.device("cpu"))
     assert fake_gpu == []
 
 
 def test_the_client_resolves_no_device_for_remote_workers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NmosdError, match="no CUDA device"):  # folds here: checked here
-        loop.resolve_device("cuda")
+        device.resolve_device("cuda")
     # for workers elsewhere the name is only parsed (a login node has no GPU)
-    assert loop.resolve_device("cuda", check=False).type == "cuda"
-    assert loop.resolve_device("auto").type == "cpu"
+    assert device.resolve_device("cuda", check=False).type == "cuda"
+    assert device.resolve_device("auto").type == "cpu"
 
 
 def test_each_fold_records_its_device(small_run):
@@ -69,15 +69,15 @@ def test_torch_threads_sets_the_number_for_the_block_and_restores_it():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with loop.torch_threads(1):
+        with device.torch_threads(1):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), loop.torch_threads(1):
+        with pytest.raises(RuntimeError), device.torch_threads(1):
             raise RuntimeError("a failing fold")
         assert torch.get_num_threads() == 2  # restored after an error too
-        with loop.torch_threads(0):
+        with device.torch_threads(0):
             assert torch.get_num_threads() == 2  # 0 leaves torch's setting
-        with pytest.raises(ValueError, match="threads"), loop.torch_threads(-1):
+        with pytest.raises(ValueError, match="threads"), device.torch_threads(-1):
             pass
     finally:
         torch.set_num_threads(before)

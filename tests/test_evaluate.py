@@ -16,14 +16,16 @@ import torch
 from helpers import CHROMIUM, assert_user_error, render_in_chromium, run_cli
 from sklearn.metrics import accuracy_score, brier_score_loss, recall_score, roc_auc_score
 
-from nmosd_ms.bundle import export_bundle, load_bundle
+from nmosd_ms.bundle import load_bundle
 from nmosd_ms.config import TrainConfig
 from nmosd_ms.data.cache import load_prepared, prepare
+from nmosd_ms.data.dataset import load_cohort
 from nmosd_ms.data.features import FEATURES
-from nmosd_ms.data.ingest import Cohort, load_cohort
+from nmosd_ms.data.ingest import Cohort
 from nmosd_ms.errors import NmosdError
 from nmosd_ms.evaluate import evaluate_cohort
 from nmosd_ms.evaluation.external import bootstrap_metrics, calibration
+from nmosd_ms.export import export_bundle
 from nmosd_ms.models.lesionload import (
     BUNDLED,
     LesionLoadModel,

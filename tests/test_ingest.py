@@ -14,7 +14,8 @@ from conftest import blob_mask, make_manifest_cohort, save_nifti, truncate_gzip
 from helpers import assert_user_error, cached_array, cached_path, run_cli
 
 from nmosd_ms.data.bids import load_bids
-from nmosd_ms.data.ingest import load_cohort, load_manifest
+from nmosd_ms.data.dataset import load_cohort
+from nmosd_ms.data.ingest import load_manifest
 
 
 def _prepare(tmp_path, manifest, *extra):

@@ -30,7 +30,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def inputs(phantom_cohort, prepared_small, small_run, tmp_path_factory) -> Inputs:
-    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.export import export_bundle
 
     work = tmp_path_factory.mktemp("interrupt")
     bundle = export_bundle(small_run, "twoview-18", work / "bundle")

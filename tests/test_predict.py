@@ -12,8 +12,8 @@ import torch
 from conftest import shared_or_skip
 from helpers import assert_user_error, run_cli
 
-from nmosd_ms.bundle import export_bundle
 from nmosd_ms.data.bids import load_bids
+from nmosd_ms.export import export_bundle
 from nmosd_ms.predict import PREDICTIONS, load_bundle, predict_subjects
 
 
@@ -140,7 +140,7 @@ def test_predict_bad_inputs(bundle_dir, tmp_path):
 
 
 def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path, monkeypatch):
-    from nmosd_ms.training import loop
+    from nmosd_ms.training import device, loop
 
     seen, train = [], loop.train_torch_fold
     monkeypatch.setattr(
@@ -148,7 +148,7 @@ def test_fit_bundle_on_the_whole_cohort(prepared_small, phantom_cohort, tmp_path
         "train_torch_fold",
         lambda *a, **k: seen.append(torch.get_num_threads()) or train(*a, **k),
     )
-    with loop.torch_threads(2):  # tested on its own in test_devices
+    with device.torch_threads(2):  # tested on its own in test_devices
         res = run_cli(
             "fit",
             prepared_small,

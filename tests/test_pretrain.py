@@ -21,7 +21,7 @@ def other_cache(tmp_path_factory):
     """Maps of other people than the shared phantom cache's (IDs sub-00…, other files), at 24³."""
     from nmosd_ms.config import PrepareConfig
     from nmosd_ms.data.cache import prepare
-    from nmosd_ms.data.ingest import load_cohort
+    from nmosd_ms.data.dataset import load_cohort
 
     tmp = tmp_path_factory.mktemp("other")
     out = tmp / "c24"
@@ -40,7 +40,7 @@ def pretrained(other_cache, tmp_path_factory):
 
 
 def test_occupancy_target_marks_the_cells_that_hold_lesion():
-    from nmosd_ms.training.pretrain import occupancy_target
+    from nmosd_ms.training.pretext import occupancy_target
 
     x = torch.zeros(2, 1, 20, 20, 20)
     x[0, 0, 3, 15, 19] = 1.0  # cell (0, 3, 4) of a 5³ grid (4 voxels per cell)
@@ -80,9 +80,10 @@ def test_pretrain_writes_weights_and_a_record(pretrained, other_cache):
 
 
 def test_cv_starts_from_pretrained_weights(other_cache, prepared_small, tmp_path):
-    from nmosd_ms.bundle import export_bundle
     from nmosd_ms.config import PretrainConfig, TrainConfig
+    from nmosd_ms.export import export_bundle
     from nmosd_ms.training.cv import run_cv
+    from nmosd_ms.training.executors import LocalExecutor
     from nmosd_ms.training.pretrain import WEIGHTS_NAME, pretrain_weights
 
     prior = pretrain_weights(
@@ -95,7 +96,9 @@ def test_cv_starts_from_pretrained_weights(other_cache, prepared_small, tmp_path
         folds=2,
         train=TrainConfig(epochs=1, batch_size=4, shift=2, weights=weights),
     )
-    run_cv(prepared_small, tmp_path / "run", config, device="cpu", threads=1)
+    run_cv(
+        prepared_small, tmp_path / "run", config, device="cpu", executor=LocalExecutor(threads=1)
+    )
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["options"]["train"]["weights"] == weights
     assert run["models"]["twoview-18"]["weights"] == weights
@@ -106,7 +109,13 @@ def test_cv_starts_from_pretrained_weights(other_cache, prepared_small, tmp_path
     shutil.rmtree(prior)
     pretrain_weights(other_cache, "twoview-18", prior, PretrainConfig(epochs=1), seed=1)
     with pytest.raises(NmosdError, match="other pretrained weights"):
-        run_cv(prepared_small, tmp_path / "run", config, device="cpu", threads=1)
+        run_cv(
+            prepared_small,
+            tmp_path / "run",
+            config,
+            device="cpu",
+            executor=LocalExecutor(threads=1),
+        )
     shutil.rmtree(prior)
     bundle = load_bundle(export_bundle(tmp_path / "run", "twoview-18", tmp_path / "model"))
     seen = bundle.info.training.pretraining
@@ -117,7 +126,7 @@ def test_evaluate_counts_the_priors_maps_as_seen(pretrained, prepared_small, oth
     """A bundle fitted from a prior: an external cohort made of the prior's maps is refused as
     evaluate refuses the training cohort (IDs and identical input files)."""
     from nmosd_ms.config import TrainConfig
-    from nmosd_ms.data.ingest import load_cohort
+    from nmosd_ms.data.dataset import load_cohort
     from nmosd_ms.evaluate import check_overlap, evaluate_cohort
     from nmosd_ms.fit import fit_bundle
     from nmosd_ms.training.pretrain import WEIGHTS_NAME
@@ -209,7 +218,7 @@ def test_a_folds_pretext_reads_only_its_training_maps(prepared_small):
     training maps. The weights it ends with depend on those maps and on no held-out map."""
     from nmosd_ms.config import TrainConfig
     from nmosd_ms.data.cache import load_prepared
-    from nmosd_ms.training.loop import train_torch_fold
+    from nmosd_ms.training.loop import FoldData, train_torch_fold
 
     cohort = load_prepared(prepared_small)
     vols = torch.from_numpy(np.ascontiguousarray(cohort.volumes[:, None]))
@@ -221,7 +230,8 @@ def test_a_folds_pretext_reads_only_its_training_maps(prepared_small):
         config = TrainConfig(
             epochs=1, batch_size=4, shift=2, pretext_epochs=pretext_epochs, eval_every=100
         )
-        out = train_torch_fold("twoview-18", volumes, labels, train_idx, test_idx, config, 5)
+        fold = FoldData(volumes, labels, train_idx, test_idx)
+        out = train_torch_fold("twoview-18", fold, config, seed=5)
         return out.state_dict
 
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -242,12 +252,15 @@ def test_a_folds_pretext_reads_only_its_training_maps(prepared_small):
 def test_cv_records_the_pretext_and_refuses_to_mix_it(prepared_small, tmp_path):
     from nmosd_ms.config import TrainConfig
     from nmosd_ms.training.cv import run_cv
+    from nmosd_ms.training.executors import LocalExecutor
 
     def config(pretext_epochs):
         train = TrainConfig(epochs=1, batch_size=4, shift=2, pretext_epochs=pretext_epochs)
         return small_cv_config(models=("twoview-18",), repeats=1, folds=2, train=train)
 
-    run_cv(prepared_small, tmp_path / "run", config(1), device="cpu", threads=1)
+    run_cv(
+        prepared_small, tmp_path / "run", config(1), device="cpu", executor=LocalExecutor(threads=1)
+    )
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["options"]["train"]["pretext_epochs"] == 1
     from nmosd_ms.report import build_report
@@ -255,14 +268,30 @@ def test_cv_records_the_pretext_and_refuses_to_mix_it(prepared_small, tmp_path):
     page = build_report(tmp_path / "run").read_text()
     assert "1 epochs of the occupancy pretext on each fold's own training maps" in page
     with pytest.raises(NmosdError, match="different options"):
-        run_cv(prepared_small, tmp_path / "run", config(0), device="cpu", threads=1)
+        run_cv(
+            prepared_small,
+            tmp_path / "run",
+            config(0),
+            device="cpu",
+            executor=LocalExecutor(threads=1),
+        )
     # a run written before the option existed (no such key) resumes with its default, 0
-    run_cv(prepared_small, tmp_path / "old", config(0), device="cpu", threads=1)
+    run_cv(
+        prepared_small, tmp_path / "old", config(0), device="cpu", executor=LocalExecutor(threads=1)
+    )
     meta = json.loads((tmp_path / "old" / "run.json").read_text())
     del meta["options"]["train"]["pretext_epochs"]
     (tmp_path / "old" / "run.json").write_text(json.dumps(meta))
     folds = (tmp_path / "old" / "results" / "folds.tsv").read_text()
-    run_cv(prepared_small, tmp_path / "old", config(0), device="cpu", threads=1)
+    run_cv(
+        prepared_small, tmp_path / "old", config(0), device="cpu", executor=LocalExecutor(threads=1)
+    )
     assert (tmp_path / "old" / "results" / "folds.tsv").read_text() == folds
     with pytest.raises(NmosdError, match="different options"):
-        run_cv(prepared_small, tmp_path / "old", config(1), device="cpu", threads=1)
+        run_cv(
+            prepared_small,
+            tmp_path / "old",
+            config(1),
+            device="cpu",
+            executor=LocalExecutor(threads=1),
+        )

@@ -40,7 +40,7 @@ def _cv(cache, run, *extra) -> list[str]:
 def cache16(phantom_cohort, tmp_path_factory) -> Path:
     from nmosd_ms.config import PrepareConfig
     from nmosd_ms.data.cache import prepare
-    from nmosd_ms.data.ingest import load_cohort
+    from nmosd_ms.data.dataset import load_cohort
 
     out = tmp_path_factory.mktemp("c16") / "cache"
     prepare(load_cohort(phantom_cohort), out, PrepareConfig(size=16))

@@ -30,6 +30,7 @@ from nmosd_ms.errors import NmosdError
 from nmosd_ms.io import inside
 from nmosd_ms.locking import Lock
 from nmosd_ms.training.cv import DETERMINISTIC_COLUMNS, run_cv
+from nmosd_ms.training.executors import LocalExecutor
 
 
 def _tsv(path):
@@ -83,7 +84,7 @@ def test_inside_refuses_escapes_by_dots_absolute_paths_and_symlinks(tmp_path):
 
 
 def test_predict_refuses_unsafe_ids_from_a_manifest_or_the_command_line(small_run, tmp_path):
-    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.export import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "bundle")
     mask = tmp_path / "m.nii.gz"
@@ -293,7 +294,7 @@ def test_a_header_claiming_a_huge_image_is_refused_before_reading(tmp_path, shap
 
 
 def test_bundle_and_run_records_with_absurd_sizes_are_refused(small_run, tmp_path):
-    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.export import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "b")
     info = json.loads((bundle / "model.json").read_text())
@@ -316,7 +317,7 @@ def test_bundle_and_run_records_with_absurd_sizes_are_refused(small_run, tmp_pat
 
 
 def test_damaged_run_and_bundle_records_are_one_line(small_run, prepared_small, tmp_path):
-    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.export import export_bundle
 
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "b")
     mask = save_nifti(tmp_path / "m.nii.gz", np.zeros((20, 20, 20), np.uint8))
@@ -349,7 +350,7 @@ def test_damaged_run_and_bundle_records_are_one_line(small_run, prepared_small, 
 
 
 def test_unusable_output_folders_are_refused_before_any_work(small_run, prepared_small, tmp_path):
-    from nmosd_ms.bundle import export_bundle
+    from nmosd_ms.export import export_bundle
 
     manifest = make_manifest_cohort(tmp_path / "data")
     bundle = export_bundle(small_run, "twoview-18", tmp_path / "b")
@@ -448,7 +449,7 @@ def test_bad_weights_are_refused_before_the_first_write(prepared_small, tmp_path
 def test_outputs_respect_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
-        from nmosd_ms.bundle import export_bundle
+        from nmosd_ms.export import export_bundle
         from nmosd_ms.report import build_report
 
         manifest = make_manifest_cohort(tmp_path / "data")
@@ -456,7 +457,7 @@ def test_outputs_respect_the_umask(tmp_path, umask):
         prepare(load_manifest(manifest), cache, PrepareConfig(size=16))
         run = tmp_path / "run"
         cfg = small_cv_config(repeats=1, folds=3, train=TrainConfig(epochs=1, batch_size=2))
-        run_cv(cache, run, cfg, device="cpu", threads=1)
+        run_cv(cache, run, cfg, device="cpu", executor=LocalExecutor(threads=1))
         build_report(run)
         export_bundle(run, "twoview-18", tmp_path / "bundle")
     finally:
@@ -499,7 +500,7 @@ def test_inner_validation_uses_the_fitted_set_in_the_correction(prepared_small, 
         train=TrainConfig(epochs=2, batch_size=4, inner_val=0.25, patience=1),
         shortcut=False,
     )
-    run_cv(prepared_small, tmp_path / "r", cfg, device="cpu", threads=1)
+    run_cv(prepared_small, tmp_path / "r", cfg, device="cpu", executor=LocalExecutor(threads=1))
     folds = _tsv(tmp_path / "r" / "results/folds.tsv")
     assert (folds["n_fit"] < folds["n_train"]).all()
     assert (folds["n_fit"] == folds["n_train"] - np.ceil(folds["n_train"] * 0.25)).all()
@@ -570,9 +571,9 @@ def test_fit_from_a_run_records_and_applies_its_whole_training_configuration(
     seen = []
     real = loop.train_torch_fold
 
-    def spy(model, vols, labels, train_idx, test_idx, config, *a, **k):
+    def spy(model, fold, config, *a, **k):
         seen.append(config)
-        return real(model, vols, labels, train_idx, test_idx, config, *a, **k)
+        return real(model, fold, config, *a, **k)
 
     monkeypatch.setattr(loop, "train_torch_fold", spy)
     bf16 = tmp_path / "bf16-run"

@@ -42,7 +42,7 @@ _EXPORTS = {
     # input
     "Subject": "data.ingest",
     "Cohort": "data.ingest",
-    "load_cohort": "data.ingest",
+    "load_cohort": "data.dataset",
     "load_manifest": "data.ingest",
     "load_bids": "data.bids",
     "parse_bids_filters": "data.bids",
@@ -65,6 +65,7 @@ _EXPORTS = {
     "pretrain_weights": "training.pretrain",
     # cross-validation
     "run_cv": "training.cv",
+    "collect_cv": "training.cv",
     "plan_splits": "training.plan",
     "LocalExecutor": "training.executors",
     "DaskExecutor": "training.executors",
@@ -76,7 +77,7 @@ _EXPORTS = {
     "Bundle": "bundle",
     "BundleInfo": "bundle",
     "load_bundle": "bundle",
-    "export_bundle": "bundle",
+    "export_bundle": "export",
     "fit_bundle": "fit",
     "predict_subjects": "predict",
     "predict_arrays": "predict",

@@ -332,7 +332,7 @@ def prepare(
     """Crop, reorient and resize a cohort into model-ready S³ volumes."""
     from .data.bids import parse_bids_filters
     from .data.cache import prepare as run_prepare
-    from .data.ingest import load_cohort
+    from .data.dataset import load_cohort
 
     config = PrepareConfig(**config_values)
     filters = parse_bids_filters(bids_filter, bids_filter_file)
@@ -349,7 +349,7 @@ def prepare(
 
 def _precision_note(precision: str, device: str) -> None:
     """A line on stdout when the precision asked for is slow here (stderr is kept for errors)."""
-    from .training.loop import precision_note
+    from .training.device import precision_note
 
     note = precision_note(precision, device)
     if note:
@@ -486,7 +486,7 @@ def cv(
 
     Several cv commands with the same options may work on one --out folder at once (each fold
     is trained once); one with other options is refused."""
-    from .training.cv import executor_for, run_cv
+    from .training.cv import collect_cv, executor_for, run_cv
 
     config = CVConfig(
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
@@ -499,17 +499,22 @@ def cv(
     )
     _precision_note(config.train.precision, device)
     with Bar("cv") as bar:
-        meta = run_cv(
-            cache_dir,
-            out_dir,
-            config,
-            device=device,
-            executor=executor_for(executor, scheduler, workers, threads, device, folds_per_device),
-            progress=bar,
-            threads=threads,
-            shard=_parse_shard(shard),
-            collect=collect,
-        )
+        if collect:
+            if shard:
+                raise NmosdError("collect trains nothing: give it no shard", option="shard")
+            meta = collect_cv(cache_dir, out_dir, config)
+        else:
+            meta = run_cv(
+                cache_dir,
+                out_dir,
+                config,
+                device=device,
+                executor=executor_for(
+                    executor, scheduler, workers, threads, device, folds_per_device
+                ),
+                progress=bar,
+                shard=_parse_shard(shard),
+            )
     out.print(
         f"cv {'collected' if collect else 'finished'}: {', '.join(config.run_models)} -> "
         f"{meta['folds_table']} "
@@ -595,7 +600,7 @@ def demo(
     out.print("the full paper protocol (15 x 5-fold, 100 epochs) on this cohort:")
     out.print(f"  {paths['full_protocol']}", markup=False, soft_wrap=True)
     out.print(f"  {paths['full_protocol_note']}", markup=False, soft_wrap=True)
-    from .training.loop import cpu_has_native_bf16
+    from .training.device import cpu_has_native_bf16
 
     bf16 = " --precision bf16" if cpu_has_native_bf16() else ""
     out.print(
@@ -618,7 +623,8 @@ def export(
     ] = "0",
 ):
     """Bundle a model's fold weights with its preprocessing, metrics and a model card."""
-    from .bundle import CARD_NAME, export_bundle
+    from .bundle import CARD_NAME
+    from .export import export_bundle
 
     try:
         reps = [int(r) for r in repeats.split(",") if r.strip()]
@@ -790,7 +796,7 @@ def evaluate(
     ROC, the lesion-load baselines it carries, and an HTML page (DIR/report/index.html)."""
     from .bundle import load_bundle
     from .data.bids import parse_bids_filters
-    from .data.ingest import load_cohort
+    from .data.dataset import load_cohort
     from .evaluate import evaluate_cohort
 
     filters = parse_bids_filters(bids_filter, bids_filter_file)

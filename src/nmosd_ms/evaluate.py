@@ -174,7 +174,7 @@ def evaluate_cohort(
     bundle : Bundle
         From :func:`~nmosd_ms.bundle.load_bundle`.
     cohort : Cohort
-        Labelled subjects (:func:`~nmosd_ms.data.ingest.load_cohort`, as ``prepare`` reads);
+        Labelled subjects (:func:`~nmosd_ms.data.dataset.load_cohort`, as ``prepare`` reads);
         a subject without a lesion mask is segmented from its FLAIR.
     out_dir : path, optional
         A new evaluation folder (see the module docstring); refused if it holds an evaluation.

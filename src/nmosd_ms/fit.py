@@ -16,6 +16,8 @@ from .errors import NmosdError
 from .models import get_spec, model_weights
 from .spatial import resize
 from .training import loop
+from .training.device import environment as describe_environment
+from .training.device import resolve_device, torch_threads
 from .training.pretrain import check_pretraining, prior_reference
 from .training.runfolder import RunFolder
 
@@ -90,13 +92,12 @@ def fit_bundle(
     vols = torch.from_numpy(np.ascontiguousarray(volumes[:, None]))
     idx = np.arange(len(cohort.ids))
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every cv fold
-    with loop.torch_threads(threads):
-        environment = loop.environment(loop.resolve_device(device))  # with the threads it uses
+    with torch_threads(threads):
+        environment = describe_environment(resolve_device(device))  # with the threads it uses
         if progress:
             progress(0, train.epochs)
-        res = loop.train_torch_fold(
-            model, vols, cohort.labels, idx, idx[:0], train, seed, device, progress
-        )
+        fold = loop.FoldData(vols, cohort.labels, idx, idx[:0])
+        res = loop.train_torch_fold(model, fold, train, seed=seed, device=device, on_epoch=progress)
     name = "weights/full.safetensors"
     record, baselines = cohort_record(cohort, seed)
     training = {

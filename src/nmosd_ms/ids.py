@@ -15,7 +15,7 @@ from .errors import NmosdError
 #: no ``..``; at most 128 characters. BIDS labels (``sub-<alphanumeric>``) always pass.
 MAX_ID_LENGTH = 128
 _ID_CHARS = re.compile(r"[\w.-]+")  # \w: letters, digits and "_" in any script
-_BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
+BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
 
 
 def validate_participant_id(pid: str, where: str = "") -> str:
@@ -55,7 +55,7 @@ def ids_in_bids_name(name: str) -> tuple[str, str] | None:
     """The participant and session a BIDS file name carries: ``sub-01_ses-02_FLAIR.nii.gz`` ->
     ``("sub-01", "ses-02")``, ``sub-01_FLAIR.nii.gz`` -> ``("sub-01", "")``; None without a
     ``sub-<label>`` entity. The labels still need :func:`validate_participant_id`."""
-    found = re.search(rf"(?:^|_)({_BIDS_SUBJECT.pattern})", name)
+    found = re.search(rf"(?:^|_)({BIDS_SUBJECT.pattern})", name)
     if found is None:
         return None
     session = re.search(rf"_({_BIDS_SESSION.pattern})", name)

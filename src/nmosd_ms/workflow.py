@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import CVConfig, PrepareConfig, TrainConfig
 from .data.cache import prepare
-from .data.ingest import load_cohort
+from .data.dataset import load_cohort
 from .phantom import generate_cohort
 from .report import build_report
 from .training.cv import run_cv

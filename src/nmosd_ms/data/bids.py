@@ -22,13 +22,13 @@ from pathlib import Path
 
 from ..errors import NmosdError
 from .ingest import (
-    _BIDS_SUBJECT,
+    BIDS_SUBJECT,
     Cohort,
     Subject,
-    _check_ids,
-    _read_table,
-    _require_columns,
+    check_ids,
     normalise_label,
+    read_table,
+    require_columns,
 )
 
 #: Short entity names (as in file names) -> pybids' names.
@@ -134,12 +134,12 @@ def load_bids(
     table = root / "participants.tsv"
     if not table.exists():
         raise NmosdError(f"{root} is not a BIDS folder: participants.tsv not found")
-    df = _read_table(table)
-    _require_columns(df, ["participant_id", label_column], table)
+    df = read_table(table)
+    require_columns(df, ["participant_id", label_column], table)
     ids = [str(v).strip() for v in df["participant_id"]]
-    _check_ids(ids, table)
+    check_ids(ids, table)
     for pid in ids:
-        if not _BIDS_SUBJECT.fullmatch(pid):
+        if not BIDS_SUBJECT.fullmatch(pid):
             raise NmosdError(
                 f"{table}: participant_id '{pid}' is not a BIDS subject label "
                 "(sub-<letters and digits>)"

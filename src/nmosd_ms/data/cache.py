@@ -121,7 +121,7 @@ def prepare(
     Parameters
     ----------
     cohort : Cohort
-        From :func:`~nmosd_ms.data.ingest.load_cohort`; every subject is validated and computed
+        From :func:`~nmosd_ms.data.dataset.load_cohort`; every subject is validated and computed
         before anything is written.
     out_dir : path
         The cache folder (created, or updated when it is already a cache; locked while written).

@@ -17,7 +17,7 @@ import pandas as pd
 from ..constants import LABELS
 from ..errors import NmosdError
 from ..ids import (  # noqa: F401 (validate_participant_id and scan_key are used from here)
-    _BIDS_SUBJECT,
+    BIDS_SUBJECT,
     MAX_ID_LENGTH,
     scan_key,
     validate_participant_id,
@@ -83,7 +83,7 @@ def normalise_label(value: object, pid: str, column: str) -> str:
 MAX_TABLE_BYTES = 64 * 2**20
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     """A TSV (CSV for ``.csv``) of strings. Read with the csv module first so that a row with more
     or fewer cells than the header (a stray tab) is refused: pandas would shift the columns and
     use the first one as an index."""
@@ -116,7 +116,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     return pd.DataFrame([r for _, r in body], columns=header, dtype=str)
 
 
-def _check_ids(ids: list[str], where: Path, sessions: list[str] | None = None) -> None:
+def check_ids(ids: list[str], where: Path, sessions: list[str] | None = None) -> None:
     """Every ID safe, and every participant (with a session: every participant-session) once."""
     for i in ids:
         validate_participant_id(i, str(where))
@@ -127,7 +127,7 @@ def _check_ids(ids: list[str], where: Path, sessions: list[str] | None = None) -
         raise NmosdError(f"{where}: duplicate {what} {', '.join(dup)}")
 
 
-def _require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:
+def require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise NmosdError(f"{where}: missing column(s) {', '.join(missing)}")
@@ -155,14 +155,14 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
     """
     path = Path(path)
     regular_file(path, "manifest")
-    df = _read_table(path)
+    df = read_table(path)
     if labelled:
-        _require_columns(df, ["participant_id", "diagnosis", "flair", "lesion_mask"], path)
+        require_columns(df, ["participant_id", "diagnosis", "flair", "lesion_mask"], path)
     elif "participant_id" not in df.columns or not {"lesion_mask", "flair"} & set(df.columns):
         raise NmosdError(f"{path}: needs participant_id and lesion_mask (or flair) columns")
     ids = [str(v).strip() for v in df["participant_id"]]
     sessions = [str(v).strip() for v in df["session_id"]] if "session_id" in df.columns else None
-    _check_ids(ids, path, sessions)
+    check_ids(ids, path, sessions)
     base = path.parent
     subjects = []
     for i, (pid, (_, row)) in enumerate(zip(ids, df.iterrows(), strict=True)):
@@ -180,52 +180,6 @@ def load_manifest(path: str | Path, labelled: bool = True) -> Cohort:
         session = sessions[i] if sessions else ""
         subjects.append(Subject(pid, label, flair, lesion, brain, session_id=session))
     return Cohort(tuple(subjects), source=str(path.resolve()))
-
-
-def load_cohort(
-    dataset: str | Path,
-    lesions: str = "lesions",
-    label_column: str = "diagnosis",
-    require_lesion_masks: bool = True,
-    filters: dict | None = None,
-) -> Cohort:
-    """A labelled cohort from a BIDS folder or a manifest file, whichever ``dataset`` is.
-
-    Parameters
-    ----------
-    dataset : path
-        A BIDS folder (:func:`load_bids`) or a ``.tsv``/``.csv`` manifest (:func:`load_manifest`).
-    lesions : str
-        BIDS only: the derivatives pipeline that holds the lesion masks.
-    label_column : str
-        BIDS only: the participants.tsv column with the diagnosis (NMOSD or MS).
-    require_lesion_masks : bool
-        Refuse subjects without a lesion mask (set False when they are to be segmented).
-    filters : dict, optional
-        BIDS only: entity filters (:func:`nmosd_ms.data.bids.parse_bids_filters`).
-    """
-    dataset = Path(dataset)
-    if dataset.is_dir():
-        from .bids import load_bids
-
-        cohort = load_bids(dataset, lesions, label_column, require_lesion_masks, filters)
-    elif dataset.suffix.lower() in (".tsv", ".csv"):
-        cohort = load_manifest(dataset)
-    elif not dataset.exists():
-        raise NmosdError(f"dataset not found: {dataset}")
-    else:
-        raise NmosdError(f"{dataset} is neither a BIDS folder nor a .tsv/.csv manifest")
-    if not cohort.subjects:
-        raise NmosdError(f"{dataset}: the cohort is empty")
-    if require_lesion_masks:
-        for s in cohort.subjects:
-            if s.lesion_mask is None:
-                raise NmosdError(
-                    f"participant {s.participant_id}: no lesion mask (give one, or segment "
-                    "the missing masks from the FLAIR)",
-                    option="segment_missing",
-                )
-    return cohort
 
 
 def check_trainable(labels: list[str] | tuple[str, ...], folds: int) -> None:

@@ -44,19 +44,19 @@ figure{margin:1.2em 0}figcaption{color:#444;font-size:.9em}img{max-width:100%}
 """
 
 
-def _esc(value) -> str:
+def escape_value(value) -> str:
     """Every value from a run folder is escaped before it reaches the page (run.json is a file
     a user can edit, or receive from someone else)."""
     return html.escape(str(value))
 
 
-def _table_html(df: pd.DataFrame, table_id: str) -> str:
+def table_html(df: pd.DataFrame, table_id: str) -> str:
     return df.to_html(
         index=False, escape=True, border=0, table_id=table_id, classes="data", na_rep="–"
     )
 
 
-def _img(path: Path) -> str:
+def embedded_image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
@@ -84,11 +84,11 @@ def _baselines_html(base: pd.DataFrame) -> str:
     if len(lost):
         names = ", ".join(sorted(set(lost["model"])))
         warn = (
-            f'<p class="warn"><b>{_esc(names)} did not beat the shortcut</b>: on this cohort a '
+            f'<p class="warn"><b>{escape_value(names)} did not beat the shortcut</b>: on this cohort a '
             "single threshold on lesion load does as well, so its accuracy says nothing about "
             "what it learnt from the images.</p>"
         )
-    return warn + _table_html(baselines_display(base), "baselines")
+    return warn + table_html(baselines_display(base), "baselines")
 
 
 def _lesion_source_html(sources: dict | None, within: pd.DataFrame) -> str:
@@ -101,7 +101,7 @@ def _lesion_source_html(sources: dict | None, within: pd.DataFrame) -> str:
             shown[col] = shown[col].map(lambda v: "–" if v != v else f"{v:.3f}")
         table = (
             '<p class="note">Held-out performance within each lesion source, pooled over all '
-            "repeats (lesion_source.tsv):</p>" + _table_html(shown, "lesion_source")
+            "repeats (lesion_source.tsv):</p>" + table_html(shown, "lesion_source")
         )
     c = sources["counts"]
     line = (
@@ -124,7 +124,8 @@ def _progress_html(status: dict) -> str:
     if status["complete"]:
         return ""
     parts = ", ".join(
-        f"{_esc(m)} {n} of {status['planned_folds']}" for m, n in status["finished_folds"].items()
+        f"{escape_value(m)} {n} of {status['planned_folds']}"
+        for m, n in status["finished_folds"].items()
     )
     return (
         f'<p class="warn"><b>Unfinished run</b> (folds finished: {parts}). Every table and figure '
@@ -243,7 +244,7 @@ def _write(run, out: Path) -> None:
         )
         or "<li>none</li>"
     )
-    e = _esc
+    e = escape_value
     r_k = e(f"{opts['repeats']} × {opts['folds']}")
     if not status["complete"]:
         r_k = f"finished (of the planned {r_k})"
@@ -272,7 +273,7 @@ repeat's mean fold score [95 % CI of that same mean from the corrected resampled
 clipped to [0, 1]]. With one repeat the SD is undefined. The last column is a second estimator,
 labelled as such: each repeat's AUC on its folds' pooled held-out predictions, averaged over
 repeats.</p>
-{_table_html(table2_display(t2), "table2")}
+{table_html(table2_display(t2), "table2")}
 <h3>Deep models against the shortcut</h3>
 <p class="note">A classifier of lesion maps must be compared with what needs no image: the
 <b>shortcut</b> (lesionload-stump: the best single threshold on lesion count or volume, chosen on
@@ -284,14 +285,14 @@ accuracy, corrected resampled t-test on the paired folds (baselines.tsv).</p>
 <p class="note">Corrected resampled t-test (Nadeau &amp; Bengio 2003; Bouckaert &amp; Frank 2004):
 variance × (1/(k·r) + n_test/n_train), df = k·r − 1; p-values Holm-adjusted across pairs, per
 metric.</p>
-{_table_html(comparisons_display(cmp), "comparisons") if len(cmp) else "<p>Only one model: nothing to compare.</p>"}
+{table_html(comparisons_display(cmp), "comparisons") if len(cmp) else "<p>Only one model: nothing to compare.</p>"}
 <h2>Table 3 — complexity</h2>
 <p class="note">Parameters and FLOPs per forward pass at the run's input size; times and memory
 measured during the run on the device above (peak memory is the process peak, so a model run
 after a larger one inherits that peak).</p>
-{_table_html(table3_display(t3), "table3")}
+{table_html(table3_display(t3), "table3")}
 <h2>Figures</h2>
-{"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figs)}
+{"".join(f"<figure>{embedded_image(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figs)}
 <h3>Subjects misclassified in every repeat</h3><ul>{wrong_lines}</ul>
 <p class="note">Files: table2.tsv/.md, baselines.tsv/.md, table3.tsv/.md, comparisons.tsv/.md, subjects.tsv,
 {"lesion_source.tsv, " if len(within) else ""}report.json, figures/*.png and *.svg.</p>

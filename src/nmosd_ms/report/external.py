@@ -15,8 +15,8 @@ import pandas as pd
 
 from ..derivatives import montage_path
 from ..io import atomic_dir, write_text
-from .build import CSS, _esc, _img, _table_html
-from .figures import COLORS, _save, confusion_panel, plt
+from .build import CSS, embedded_image, escape_value, table_html
+from .figures import COLORS, confusion_panel, plt, save_figure
 
 
 def _fmt(v, digits=3) -> str:
@@ -68,7 +68,7 @@ def _roc_figure(ev, folder: Path) -> Path | None:
     ax.set_title("ROC on the external cohort", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, folder, "roc")
+    return save_figure(fig, folder, "roc")
 
 
 def _reliability_figure(ev, folder: Path) -> Path:
@@ -87,7 +87,7 @@ def _reliability_figure(ev, folder: Path) -> Path:
     ax.set_title("reliability (quantile bins; marker size ∝ subjects)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, folder, "reliability")
+    return save_figure(fig, folder, "reliability")
 
 
 def _confusion_figure(ev, folder: Path) -> Path:
@@ -105,7 +105,7 @@ def _confusion_figure(ev, folder: Path) -> Path:
         t = ev.record["method"]["thresholds"][model]
         ax.set_title(f"{model}\n(NMOSD at P ≥ {t:g})", fontsize=9)
     fig.tight_layout(w_pad=2.0)
-    return _save(fig, folder, "confusion")
+    return save_figure(fig, folder, "confusion")
 
 
 def _probability_figure(ev, folder: Path) -> Path:
@@ -122,7 +122,7 @@ def _probability_figure(ev, folder: Path) -> Path:
     ax.set_xlabel(f"P(NMOSD) of {ev.network}")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    return _save(fig, folder, "probabilities")
+    return save_figure(fig, folder, "probabilities")
 
 
 def _summary_lines(ev) -> str:
@@ -132,7 +132,7 @@ def _summary_lines(ev) -> str:
     m = ev.metrics
     base = m[(m["model"] != net) & (m["metric"] == "balanced_accuracy")]
     text = (
-        f"<p><b>{_esc(net)}</b>: accuracy {_fmt(acc)}, AUC {_fmt(auc)} on "
+        f"<p><b>{escape_value(net)}</b>: accuracy {_fmt(acc)}, AUC {_fmt(auc)} on "
         f"{ev.record['cohort']['n_subjects']} external subjects.</p>"
     )
     if not len(base):
@@ -158,7 +158,7 @@ def _summary_lines(ev) -> str:
         cls = "note" if beats else "warn"
         text += (
             f'<p class="{cls}">Best lesion-load baseline (balanced accuracy): '
-            f"<b>{_esc(best['model'])}</b>. Network minus it: {_with_ci(d['difference'], d['ci_low'], d['ci_high'])}"
+            f"<b>{escape_value(best['model'])}</b>. Network minus it: {_with_ci(d['difference'], d['ci_low'], d['ci_high'])}"
             f" — {verdict}.</p>"
         )
     return text
@@ -189,8 +189,8 @@ def _segmentation_list(segmentations: dict[str, str]) -> str:
     if not segmentations:
         return ""
     items = "".join(
-        f'<li>{_esc(key)}: <a href="../{_esc(mask)}">mask</a> · '
-        f'<a href="../{_esc(montage_path(PurePosixPath(mask)).as_posix())}">montage</a></li>'
+        f'<li>{escape_value(key)}: <a href="../{escape_value(mask)}">mask</a> · '
+        f'<a href="../{escape_value(montage_path(PurePosixPath(mask)).as_posix())}">montage</a></li>'
         for key, mask in segmentations.items()
     )
     return (
@@ -236,40 +236,40 @@ def _page(ev, figs: dict[str, Path], files: list[str], segmentations: dict[str, 
     def fig(name, caption):
         if name not in figs:
             return ""
-        return f"<figure>{_img(figs[name])}<figcaption>{caption}</figcaption></figure>"
+        return f"<figure>{embedded_image(figs[name])}<figcaption>{caption}</figcaption></figure>"
 
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>nmosd-ms external validation</title><style>{CSS}</style></head><body>
-<h1>External validation of {_esc(b["model"])}</h1>
-<p class="note">nmosd-ms {_esc(r["nmosd_ms_version"])} · bundle {_esc(b["path"])}
-({_esc(b["n_fold_models"])} fold model(s), trained on
-{_esc(", ".join(f"{v} {k}" for k, v in b["training_counts"].items()))}) · cohort
-{_esc(r["cohort"]["source"])}: {counts.get("NMOSD", 0)} NMOSD, {counts.get("MS", 0)} MS.
+<h1>External validation of {escape_value(b["model"])}</h1>
+<p class="note">nmosd-ms {escape_value(r["nmosd_ms_version"])} · bundle {escape_value(b["path"])}
+({escape_value(b["n_fold_models"])} fold model(s), trained on
+{escape_value(", ".join(f"{v} {k}" for k, v in b["training_counts"].items()))}) · cohort
+{escape_value(r["cohort"]["source"])}: {counts.get("NMOSD", 0)} NMOSD, {counts.get("MS", 0)} MS.
 Research use only.</p>
 {warn}
 {_summary_lines(ev)}
 <h2>How the cohorts differ</h2>
-<ul>{"".join(f"<li>{_esc(s)}</li>" for s in r["differences"])}</ul>
+<ul>{"".join(f"<li>{escape_value(s)}</li>" for s in r["differences"])}</ul>
 <h2>Performance</h2>
 <p class="note">NMOSD is the positive class. The network calls NMOSD at P ≥
-{_esc(b["threshold"])} (the bundle's threshold), the lesion-load baselines at P ≥ 0.5. Intervals:
-{_esc(r["method"]["bootstrap"])}, level {_esc(r["method"]["confidence"])}, seed
-{_esc(r["method"]["seed"])}. Each value is the metric on the whole cohort; the interval is not
+{escape_value(b["threshold"])} (the bundle's threshold), the lesion-load baselines at P ≥ 0.5. Intervals:
+{escape_value(r["method"]["bootstrap"])}, level {escape_value(r["method"]["confidence"])}, seed
+{escape_value(r["method"]["seed"])}. Each value is the metric on the whole cohort; the interval is not
 centred on it. The baselines were fitted on the bundle's training cohort and never see this one
 (shortcut: a single threshold on lesion load; classical: every lesion-load feature).</p>
-{_table_html(metrics_display(ev.metrics), "metrics")}
+{table_html(metrics_display(ev.metrics), "metrics")}
 <h3>The network against each baseline (paired: the same resamples)</h3>
-{_table_html(comparison_display(ev.comparison), "comparison")}
+{table_html(comparison_display(ev.comparison), "comparison")}
 {fig("roc", "ROC curves on the external cohort: the network (solid) and the lesion-load baselines (dashed).")}
 {fig("confusion", "Confusion matrices at each model's threshold.")}
 <h2>Calibration</h2>
-<p class="note">{_esc(r["method"]["calibration"])}. A slope below 1 means predictions too extreme
+<p class="note">{escape_value(r["method"]["calibration"])}. A slope below 1 means predictions too extreme
 on this cohort; an intercept below 0 means NMOSD is predicted too often.</p>
-{_table_html(calib, "calibration")}
+{table_html(calib, "calibration")}
 {fig("reliability", "Reliability diagram: observed NMOSD share against the mean prediction per bin.")}
 {fig("probabilities", "The network's P(NMOSD) for every subject, by true diagnosis; the dotted line is the threshold.")}
 {_segmentation_list(segmentations)}
-<p class="note">Beside this folder: {_esc(", ".join(files))}.</p>
+<p class="note">Beside this folder: {escape_value(", ".join(files))}.</p>
 </body></html>
 """

@@ -20,7 +20,8 @@ from .tables import Run, subject_summary  # noqa: E402
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def _save(fig, folder: Path, name: str) -> Path:
+def save_figure(fig, folder: Path, name: str) -> Path:
+    """Write ``fig`` as ``name``.png and .svg in ``folder`` (atomically), then close it."""
     folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "svg"):
         with atomic_path(folder / f"{name}.{ext}", suffix=f".{ext}") as tmp:
@@ -49,7 +50,7 @@ def learning_curves(run: Run, folder: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (mean ± SD over folds)")
     axes[1].legend(loc="lower right")
-    return _save(fig, folder, "fig4_learning_curves")
+    return save_figure(fig, folder, "fig4_learning_curves")
 
 
 def roc_curves(run: Run, folder: Path) -> Path:
@@ -81,7 +82,7 @@ def roc_curves(run: Run, folder: Path) -> Path:
     ax.set_ylabel("sensitivity (NMOSD recall)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, folder, "roc")
+    return save_figure(fig, folder, "roc")
 
 
 def confusion_panel(ax, cm: np.ndarray, xlabel: str, ylabel: str = "") -> None:
@@ -123,7 +124,7 @@ def confusion_matrices(run: Run, folder: Path) -> Path:
         confusion_panel(ax, cm, "predicted", "true" if i == 0 else "")
         ax.set_title(model, fontsize=9)
     fig.tight_layout(w_pad=2.0)
-    return _save(fig, folder, "confusion")
+    return save_figure(fig, folder, "confusion")
 
 
 def subject_probabilities(run: Run, folder: Path) -> tuple[Path, pd.DataFrame]:
@@ -148,4 +149,4 @@ def subject_probabilities(run: Run, folder: Path) -> tuple[Path, pd.DataFrame]:
         ax.set_xticks([])
         ax.set_ylabel("P(NMOSD)")
         ax.set_title(f"{model}: blue = MS, red = NMOSD; ▼ = wrong in every repeat", fontsize=9)
-    return _save(fig, folder, "subjects"), s
+    return save_figure(fig, folder, "subjects"), s

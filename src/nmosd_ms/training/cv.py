@@ -9,11 +9,15 @@ writers with the same options may share one folder, each fold trained once).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
 from ..config import CVConfig
 from ..data.cache import PreparedCohort, load_prepared
@@ -23,14 +27,16 @@ from ..errors import NmosdError
 from ..locking import Lock
 from ..models import get_spec, model_weights
 from ..models.complexity import count_flops, count_parameters
+from ..records import MIN_SIZE
 from ..spatial import resize
+from .device import environment, resolve_device
 from .executors import DaskExecutor, FoldInputs, LocalExecutor, make_executor
-from .loop import FoldOutput, environment, resolve_device
+from .loop import FoldOutput
 from .plan import FoldTask, check_no_leak, plan_splits, plan_tasks, splits_frame
 from .pretrain import check_pretraining, prior_reference
 from .runfolder import DETERMINISTIC_COLUMNS, RunFolder, now
 
-__all__ = ["DETERMINISTIC_COLUMNS", "run_cv"]
+__all__ = ["DETERMINISTIC_COLUMNS", "collect_cv", "run_cv"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -81,59 +87,33 @@ def executor_for(
         raise NmosdError(str(exc), option=option) from None
 
 
-def run_cv(
-    cache_dir: str | Path | PreparedCohort,
-    out_dir: str | Path,
-    config: CVConfig,
-    device: str = "auto",
-    executor: str | LocalExecutor | object = "local",
-    scheduler: str | None = None,
-    workers: int = 2,
-    progress: Progress | None = None,
-    threads: int = 0,
-    shard: tuple[int, int] | None = None,
-    collect: bool = False,
-) -> dict:
-    """Run (or resume, or join) a cross-validation; returns the run.json content.
+Executor = LocalExecutor | DaskExecutor
 
-    Parameters
-    ----------
-    cache_dir : path or PreparedCohort
-        A prepared cache (``nmosd-ms prepare``, :func:`nmosd_ms.prepare`) or a cohort already
-        in memory (:func:`nmosd_ms.load_prepared`).
-    out_dir : path
-        The run folder: created, resumed, or joined when another writer with the same options
-        works on it (see :mod:`.runfolder`).
-    config : CVConfig
-        Models, repeats, folds, seed, per-model sizes and the training options.
-    device : {"auto", "cpu", "cuda"}
-        Where torch models train.
-    executor : {"local", "dask"} or an executor object
-        ``"local"`` trains folds one after another here; ``"dask"`` on a Dask cluster
-        (``scheduler`` address, or a LocalCluster of ``workers`` processes). An executor object
-        (:class:`~.executors.LocalExecutor`, :class:`~.executors.DaskExecutor`) is used as given.
-    progress : callable, optional
-        ``progress(done, total, label)`` after each fold and epoch.
-    threads : int
-        Torch threads per fold: 0 means all cores for the local executor and cores // workers
-        for a Dask LocalCluster. Floating-point reductions depend on it, so two runs agree bit
-        for bit when they use the same number of threads per fold.
-    shard : (i, n), optional
-        Train only shard ``i`` of ``n`` (1 <= i <= n): every n-th (model, repeat, fold) task,
-        from the i-th, of the plan every shard computes identically (a job array's task i).
-        Shards share the run folder as any writers with the same options do.
-    collect : bool
-        Train nothing: check that every fold is finished (else refuse, naming how many are
-        not), then write the result tables and the finish time (a job array's last step).
 
-    Several calls may work on one ``out_dir`` at once when their options agree; everything is
-    validated before the first write. The returned dict adds ``trained_here`` (how many folds
-    this call trained) and ``folds_table`` (the path of the per-fold result table).
-    """
-    models = config.run_models
-    for name in models:
+@dataclass
+class CVPlan:
+    """Everything a cv call checked and computed before its first write: the run folder, the
+    cohort, the options that identify the run (``options``, which every writer of one folder
+    must share), the subject-level split plan and its table, the models' records and input
+    sizes, and where the client computes (``device``)."""
+
+    folder: RunFolder
+    cohort: PreparedCohort
+    config: CVConfig
+    options: dict
+    plan: list
+    splits: pd.DataFrame
+    models: dict[str, dict]
+    sizes: dict[str, int]
+    device: torch.device
+
+
+def check_cv_request(config: CVConfig, shard: tuple[int, int] | None = None) -> None:
+    """Refuse unknown models, a size given for a model that is not run, and a shard that is not
+    i/n with 1 <= i <= n, before anything is read."""
+    for name in config.run_models:
         get_spec(name)
-    unknown = set(config.model_sizes) - set(models)
+    unknown = set(config.model_sizes) - set(config.run_models)
     if unknown:
         raise NmosdError(
             f"a model size is given for a model that is not run: {', '.join(unknown)}",
@@ -143,42 +123,33 @@ def run_cv(
         i, n = shard
         if not (isinstance(i, int) and isinstance(n, int) and 1 <= i <= n):
             raise NmosdError(f"a shard is i/n with 1 <= i <= n, not {i}/{n}", option="shard")
-        if collect:
-            raise NmosdError("collect trains nothing: give it no shard", option="shard")
-    if isinstance(executor, str):
-        executor = executor_for(executor, scheduler, workers, threads, device)
-    folder = RunFolder(out_dir)
-    folder.check_own()
-    if collect and not folder.has_run():
-        raise NmosdError(f"{folder.root} holds no run to collect (run the shards first)")
-    cohort = cache_dir if isinstance(cache_dir, PreparedCohort) else load_prepared(cache_dir)
-    check_trainable(cohort.diagnoses, config.folds)
-    cache_size = int(cohort.volumes.shape[-1])
-    sizes = {m: config.model_sizes.get(m, cache_size) for m in models}
+
+
+def model_sizes(config: CVConfig, cache_size: int) -> dict[str, int]:
+    """Each run model's input size: its ``model_sizes`` entry, else the cache's."""
+    sizes = {m: config.model_sizes.get(m, cache_size) for m in config.run_models}
     for m, s in sizes.items():
-        if s > cache_size or s < 8:
+        if s > cache_size or s < MIN_SIZE:
             raise NmosdError(
-                f"model size {m}={s}: must be between 8 and the cache size {cache_size}",
+                f"model size {m}={s}: must be between {MIN_SIZE} and the cache size {cache_size}",
                 option="model_sizes",
             )
+    return sizes
+
+
+def plan_cv(
+    cohort: str | Path | PreparedCohort, out_dir: str | Path, config: CVConfig, device: torch.device
+) -> CVPlan:
+    """Check the cohort, sizes and weights and plan the splits; writes nothing."""
+    folder = RunFolder(out_dir)
+    folder.check_own()
+    cohort = cohort if isinstance(cohort, PreparedCohort) else load_prepared(cohort)
+    check_trainable(cohort.diagnoses, config.folds)
+    sizes = model_sizes(config, int(cohort.volumes.shape[-1]))
     priors = {  # weights pretrained on this cohort's own maps would leak its folds
         m: check_pretraining(model_weights(m, config.train.weights), cohort, m, sizes[m])
-        for m in models
+        for m in sizes
         if get_spec(m).is_torch
-    }
-    if isinstance(executor, LocalExecutor):
-        dev = resolve_device(device)  # folds run in this process: resolve (and check) here
-    else:  # folds run on workers, which resolve "auto"/"cuda" themselves (a login node has no
-        # GPU); each fold records the device it used
-        dev = resolve_device("cpu" if device == "auto" else device, check=False)
-    options = {
-        "cohort_hash": cohort.cohort_hash,
-        "n_subjects": len(cohort.ids),
-        "repeats": config.repeats,
-        "folds": config.folds,
-        "seed": config.seed,
-        "train": config.train.model_dump(mode="json"),
-        "prepare": cohort.params,
     }
     try:  # one person's sessions never on both sides of a fold
         plan = plan_splits(
@@ -189,59 +160,174 @@ def run_cv(
     sessions = cohort.sessions if cohort.has_sessions else None
     splits = splits_frame(cohort.participants, cohort.diagnoses, plan, sessions)
     check_no_leak(splits)
-    new_models = {m: _model_info(m, sizes[m], config.train.weights, priors.get(m)) for m in models}
-    cohort_record = {
+    models = {m: _model_info(m, sizes[m], config.train.weights, priors.get(m)) for m in sizes}
+    options = {
+        "cohort_hash": cohort.cohort_hash,
+        "n_subjects": len(cohort.ids),
+        "repeats": config.repeats,
+        "folds": config.folds,
+        "seed": config.seed,
+        "train": config.train.model_dump(mode="json"),
+        "prepare": cohort.params,
+    }
+    return CVPlan(folder, cohort, config, options, plan, splits, models, sizes, device)
+
+
+def _cohort_record(cohort: PreparedCohort) -> dict:
+    return {
         "path": str(cohort.path.resolve()) if cohort.path is not None else "in memory",
         "counts": cohort.counts,
         "lesion_source": cohort.lesion_sources,
         "segmented": cohort.segmented_ids,
     }
 
-    root = folder.root
+
+def _client_device(executor: Executor, device: str) -> torch.device:
+    if isinstance(executor, LocalExecutor):
+        return resolve_device(device)  # folds run in this process: resolve (and check) here
+    # folds run on workers, which resolve "auto"/"cuda" themselves (a login node has no GPU);
+    # each fold records the device it used
+    return resolve_device("cpu" if device == "auto" else device, check=False)
+
+
+def run_cv(
+    cohort: str | Path | PreparedCohort,
+    out_dir: str | Path,
+    config: CVConfig,
+    *,
+    device: str = "auto",
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict:
+    """Run (or resume, or join) a cross-validation; returns the run.json content.
+
+    Parameters
+    ----------
+    cohort : path or PreparedCohort
+        A prepared cache (``nmosd-ms prepare``, :func:`nmosd_ms.prepare`) or a cohort already
+        in memory (:func:`nmosd_ms.load_prepared`).
+    out_dir : path
+        The run folder: created, resumed, or joined when another writer with the same options
+        works on it (see :mod:`.runfolder`).
+    config : CVConfig
+        Models, repeats, folds, seed, per-model sizes and the training options.
+    device : {"auto", "cpu", "cuda"}
+        Where torch models train.
+    executor : LocalExecutor or DaskExecutor, optional
+        Where folds are trained (default: ``LocalExecutor()``, one after another here with all
+        cores); :func:`executor_for` makes one from the command line's options. The executor's
+        ``threads`` per fold matter to the last bits: two runs agree bit for bit when they use
+        the same number of threads per fold.
+    progress : callable, optional
+        ``progress(done, total, label)`` after each fold and epoch.
+    shard : (i, n), optional
+        Train only shard ``i`` of ``n`` (1 <= i <= n): every n-th (model, repeat, fold) task,
+        from the i-th, of the plan every shard computes identically (a job array's task i).
+        Shards share the run folder as any writers with the same options do;
+        :func:`collect_cv` writes the tables once all are done.
+
+    Several calls may work on one ``out_dir`` at once when their options agree; everything is
+    validated before the first write. The returned dict adds ``trained_here`` (how many folds
+    this call trained) and ``folds_table`` (the path of the per-fold result table).
+    """
+    check_cv_request(config, shard)
+    executor = executor if executor is not None else LocalExecutor()
+    run = plan_cv(cohort, out_dir, config, _client_device(executor, device))
+    worker_device = str(run.device) if isinstance(executor, LocalExecutor) else device
+
+    def train(tasks: list[FoldTask]) -> int:
+        if shard is not None:
+            tasks = [t for k, t in enumerate(tasks) if k % shard[1] == shard[0] - 1]
+        return _train_all(run, tasks, worker_device, executor, progress)
+
+    return _in_run_folder(run, train, executor={**executor.describe(), "shard": list(shard or ())})
+
+
+def collect_cv(cohort: str | Path | PreparedCohort, out_dir: str | Path, config: CVConfig) -> dict:
+    """Train nothing: check that every fold of the run in ``out_dir`` is finished (else refuse,
+    naming how many are not), then write the result tables and the finish time (a job array's
+    last step, after the shards of :func:`run_cv`). Returns the run.json content, as
+    :func:`run_cv` does.
+
+    Parameters
+    ----------
+    cohort : path or PreparedCohort
+        The prepared cohort the shards ran on.
+    out_dir : path
+        The run folder the shards filled.
+    config : CVConfig
+        The options the shards ran with (the run folder refuses others).
+    """
+    check_cv_request(config)
+    if not RunFolder(out_dir).has_run():
+        raise NmosdError(f"{Path(out_dir)} holds no run to collect (run the shards first)")
+    run = plan_cv(cohort, out_dir, config, resolve_device("cpu"))
+
+    def check_finished(tasks: list[FoldTask]) -> int:
+        unfinished = sum(not run.folder.is_done(t) for t in tasks)
+        if unfinished:
+            raise NmosdError(
+                f"{run.folder.root}: {unfinished} of {len(tasks)} folds are unfinished; run "
+                "(or resubmit) the shards that hold them, then collect again"
+            )
+        return 0
+
+    return _in_run_folder(run, check_finished, executor=None)
+
+
+def _in_run_folder(
+    run: CVPlan, work: Callable[[list[FoldTask]], int], executor: dict | None
+) -> dict:
+    """Register as a writer of the run folder, open (or join) the run, do ``work`` on the
+    plan's tasks, then rebuild the tables; a folder this call created is removed again if it
+    is refused before the run was recorded. ``executor``: what run.json records of the
+    executor (None for a collect step, which trains nothing)."""
+    folder, root = run.folder, run.folder.root
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     writer = folder.register_writer()
     try:
-        with folder.meta_lock():
-            meta = folder.open(writer, options, splits, new_models, sizes, cohort_record)
-            if not collect:  # the last writer's (a collect step trains nothing)
-                described = executor.describe()
-                meta["executor"] = {**described, "shard": list(shard or ())}
-                # the client's device (folds record their own) and the folds' threads ("auto":
-                # torch's setting in this process, where local folds run)
-                folds = described.get("threads_per_fold")
-                meta["environment"] = environment(dev, folds if isinstance(folds, int) else None)
-            folder.write_meta(meta)
+        _open_run(run, writer, executor)
         created = False  # a run folder now: kept whatever happens next
-        tasks = plan_tasks(plan, list(models), sizes, config.seed)
-        if shard is not None:
-            tasks = [t for k, t in enumerate(tasks) if k % shard[1] == shard[0] - 1]
-        if collect:
-            unfinished = sum(not folder.is_done(t) for t in tasks)
-            if unfinished:
-                raise NmosdError(
-                    f"{root}: {unfinished} of {len(tasks)} folds are unfinished; run (or "
-                    "resubmit) the shards that hold them, then collect again"
-                )
-            trained = 0
-        else:
-            worker_device = str(dev) if isinstance(executor, LocalExecutor) else device
-            trained = _train_all(folder, cohort, config, tasks, worker_device, executor, progress)
-        with folder.meta_lock():
-            meta = folder.read_meta()
-            all_models = list(meta["models"])
-            folder.aggregate(all_models)
-            if all(folder.complete(m, meta) for m in all_models):
-                meta["finished"] = now()
-            folder.write_meta(meta)
+        tasks = plan_tasks(run.plan, list(run.sizes), run.sizes, run.config.seed)
+        trained = work(tasks)
+        meta = _aggregate(folder)
         # what this call did (not written to run.json: other writers may share the folder)
         return {**meta, "trained_here": trained, "folds_table": str(folder.table_path("folds"))}
     finally:
         writer.remove()
         if created:  # refused before anything of the run was written
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _open_run(run: CVPlan, writer: Lock, executor: dict | None) -> None:
+    """Create the run's records, or check that this call's options equal the folder's."""
+    folder = run.folder
+    with folder.meta_lock():
+        meta = folder.open(
+            writer, run.options, run.splits, run.models, run.sizes, _cohort_record(run.cohort)
+        )
+        if executor is not None:  # the last writer's (a collect step trains nothing)
+            meta["executor"] = executor
+            # the client's device (folds record their own) and the folds' threads ("auto":
+            # torch's setting in this process, where local folds run)
+            folds = executor.get("threads_per_fold")
+            meta["environment"] = environment(run.device, folds if isinstance(folds, int) else None)
+        folder.write_meta(meta)
+
+
+def _aggregate(folder: RunFolder) -> dict:
+    """Rebuild the result tables from every finished fold; the run is finished when every
+    model of it is complete."""
+    with folder.meta_lock():
+        meta = folder.read_meta()
+        all_models = list(meta["models"])
+        folder.aggregate(all_models)
+        if all(folder.complete(m, meta) for m in all_models):
+            meta["finished"] = now()
+        folder.write_meta(meta)
+    return meta
 
 
 def _fold_inputs(cohort: PreparedCohort, tasks: list[FoldTask], config: CVConfig, device: str):
@@ -257,9 +343,16 @@ def _fold_inputs(cohort: PreparedCohort, tasks: list[FoldTask], config: CVConfig
     return FoldInputs(volumes, cohort.labels, features, config.train, device)
 
 
-def _train_all(folder: RunFolder, cohort, config, tasks, device, executor, progress) -> int:
+def _train_all(
+    run: CVPlan,
+    tasks: list[FoldTask],
+    device: str,
+    executor: Executor,
+    progress: Progress | None,
+) -> int:
     """Train every fold that no writer has finished, claiming each as the executor asks for it;
     returns how many folds this writer trained."""
+    folder, cohort, config = run.folder, run.cohort, run.config
     total = len(tasks)
     pending = [t for t in tasks if not folder.is_done(t)]
     done = total - len(pending)

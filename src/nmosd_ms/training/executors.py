@@ -14,6 +14,7 @@ each fold uses the same number of torch threads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 
 from ..config import TrainConfig
 from ..models import get_spec
-from .loop import FoldOutput, torch_threads, train_sklearn_fold, train_torch_fold
+from .device import torch_threads
+from .loop import EpochCallback, FoldData, FoldOutput, train_sklearn_fold, train_torch_fold
 from .plan import FoldTask
 
 OnDone = Callable[[FoldTask, FoldOutput], None]
@@ -49,32 +51,29 @@ _EMPTY = np.zeros((0,), dtype=np.float32)
 def run_fold_task(
     task: FoldTask,
     volumes: np.ndarray,
-    labels: np.ndarray,
-    features: np.ndarray,
-    train: TrainConfig,
-    device: str,
+    inputs: FoldInputs,
     threads: int,
-    on_epoch=None,
+    on_epoch: EpochCallback | None = None,
 ) -> FoldOutput:
     """Train and evaluate one fold (the unit of work of every executor) with ``threads`` torch
-    threads (0: leave torch's setting)."""
+    threads (0: leave torch's setting). ``volumes`` are the cohort's volumes at the task's
+    input size; ``inputs`` gives the rest (its own ``volumes`` are not read, so an executor may
+    send it without them)."""
     with torch_threads(threads):
         if get_spec(task.model).is_torch:
             torch.use_deterministic_algorithms(True, warn_only=True)
             vols = torch.from_numpy(np.ascontiguousarray(volumes))
+            fold = FoldData(vols, inputs.labels, task.train_idx, task.test_idx)
             return train_torch_fold(
                 task.model,
-                vols,
-                labels,
-                task.train_idx,
-                task.test_idx,
-                train,
-                task.seed,
-                device,
-                on_epoch,
+                fold,
+                inputs.train,
+                seed=task.seed,
+                device=inputs.device,
+                on_epoch=on_epoch,
             )
         return train_sklearn_fold(
-            task.model, features, labels, task.train_idx, task.test_idx, task.seed
+            task.model, inputs.features, inputs.labels, task.train_idx, task.test_idx, task.seed
         )
 
 
@@ -120,10 +119,7 @@ class LocalExecutor:
             out = run_fold_task(
                 t,
                 inputs.volumes.get(t.size, _EMPTY),
-                inputs.labels,
-                inputs.features,
-                inputs.train,
-                inputs.device,
+                inputs,
                 self.threads,
                 epoch_cb,
             )
@@ -259,6 +255,7 @@ class DaskExecutor:
                 s: client.scatter(v, broadcast=True, hash=False) for s, v in inputs.volumes.items()
             }
             empty = client.scatter(_EMPTY, broadcast=True, hash=False)
+            without_volumes = dataclasses.replace(inputs, volumes={})  # those travel scattered
             source: Iterator[FoldTask] = iter(tasks)
             running = as_completed()
             futures = {}
@@ -271,10 +268,7 @@ class DaskExecutor:
                     run_fold_task,
                     t,
                     scattered.get(t.size, empty),
-                    inputs.labels,
-                    inputs.features,
-                    inputs.train,
-                    inputs.device,
+                    without_volumes,
                     self.threads,
                     DaskEpochEvents(t.label) if on_epoch is not None else None,
                     pure=False,

@@ -7,14 +7,9 @@ validation split carved out of the training part.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import platform
-import resource
 import socket
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,10 +18,20 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from ..config import Precision, PretrainConfig, TrainConfig
-from ..constants import THRESHOLD, __version__
+from ..config import PretrainConfig, TrainConfig
+from ..constants import THRESHOLD
+from ..errors import NmosdError
 from ..models import get_spec, model_weights
 from .augment import augmented_batch
+from .device import (
+    AUTOCAST_DTYPES,
+    autocast,
+    clock,
+    peak_memory_mb,
+    prepare_device,
+    resolve_device,
+)
+from .pretext import pretext_fit
 
 EpochCallback = Callable[[int, int], None]
 
@@ -45,140 +50,13 @@ class FoldOutput:
     host: str = ""
 
 
-def environment(device: torch.device, threads: int | None = None) -> dict:
-    """Where and with what weights are being computed (the record's ``environment``: versions,
-    platform, device, and the torch threads training uses: ``threads``, else torch's setting
-    now). It changes the time and, on a CPU, the last bits of the weights, not the recipe; cv's
-    ``run.json`` (with the folds' threads), fit's bundle and pretrain's record keep it.
-    CUDA is queried only for a CUDA ``device``, so a client of remote workers never
-    initialises it."""
-    import monai
-    import sklearn
-
-    return {
-        "nmosd_ms": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "scikit_learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda" and torch.cuda.is_available()
-        else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads() if threads is None else threads,
-    }
-
-
-def resolve_device(device: str, check: bool = True) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; "cuda" is refused where no GPU is (unless
-    ``check`` is False: the name is then only parsed, for a device on another machine)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if check and device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import NmosdError
-
-        raise NmosdError(
-            "device 'cuda' was asked for but no CUDA device is available", option="device"
-        )
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        from ..errors import NmosdError
-
-        raise NmosdError(f"device must be auto, cpu or cuda, not {device!r}", option="device")
-    return torch.device(device)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """Run the block with ``threads`` torch threads (0: leave torch's setting), and restore the
-    previous number after it: ``cv``'s folds, ``fit`` and ``pretrain`` share this rule, and a
-    notebook that calls them keeps its own setting."""
-    if threads < 0:
-        raise ValueError(f"threads must be 0 (torch's setting) or more, not {threads}")
-    previous = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-assert set(AUTOCAST_DTYPES) | {"fp32"} == set(typing.get_args(Precision))
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX). Without it, bf16 is
-    emulated: measured on an AVX2-only AMD EPYC, a two-view-18 epoch at 100³ took 20-30 s in
-    bf16 against 2-3 s in fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # an op this torch build does not have
-        return False
-
-
-def _clock(dev: torch.device) -> float:
-    """A timer reading that waits for the device's queued work (CUDA runs asynchronously)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()
-
-
-def prepare_device(dev: torch.device, precision: str) -> None:
-    """Per fold, on the device it trains on: refuse bf16 on a GPU without native bf16
-    (compute capability < 8.0; fp16 is the one to use there), make fp32 mean fp32 (no TF32 in
-    matmuls or cuDNN convolutions), set cuBLAS's deterministic workspace, and reset the peak
-    memory counter so that each fold's peak is its own."""
-    if dev.type != "cuda":
-        return
-    import os
-
-    from ..errors import NmosdError
-
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise NmosdError(
-            f"{torch.cuda.get_device_name(dev)} has no native bf16 (compute capability below "
-            "8.0); use fp16 on this GPU",
-            option="precision",
-        )
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.set_float32_matmul_precision("highest")  # no TF32 in matmuls
-    torch.backends.cudnn.allow_tf32 = False  # nor in cuDNN convolutions
-    torch.cuda.reset_peak_memory_stats(dev)
-
-
-def precision_note(precision: str, device: str) -> str | None:
-    """A sentence for the user when ``precision`` will run slowly on ``device``, else None."""
-    if precision == "bf16" and resolve_device(device).type == "cpu" and not cpu_has_native_bf16():
-        return (
-            "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and runs about "
-            "10x slower than fp32 here; fp32 is faster on this machine"
-        )
-    return None
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
 @torch.no_grad()
 def predict_proba(model, x: torch.Tensor, device, precision: str, batch: int = 8) -> np.ndarray:
     """Softmax probability of NMOSD for a batch of volumes (B, 1, S, S, S)."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(x[i : i + batch].to(device))
         out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
@@ -221,7 +99,7 @@ def _recalibrate(model, bns, x, device, precision, batch) -> None:
         starts.pop()
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else len(x)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             model(x[start:stop].to(device))
 
 
@@ -279,166 +157,275 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     )
 
 
+@dataclass(frozen=True)
+class FoldData:
+    """One fold's inputs: the cohort's volumes (N, 1, S, S, S), its labels (N,), and the
+    indices of the training and the held-out parts (the held-out part may be empty: ``fit``)."""
+
+    volumes: torch.Tensor
+    labels: np.ndarray
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
 def train_torch_fold(
     model_name: str,
-    volumes: torch.Tensor,
-    labels: np.ndarray,
-    train_idx: np.ndarray,
-    test_idx: np.ndarray,
+    fold: FoldData,
     config: TrainConfig,
+    *,
     seed: int,
     device: str = "cpu",
     on_epoch: EpochCallback | None = None,
 ) -> FoldOutput:
-    """Train ``model_name`` from scratch (or from ``config.weights``) on one fold."""
-    dev = resolve_device(device)
-    prepare_device(dev, config.precision)
-    torch.manual_seed(seed)
-    np_rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    size = int(volumes.shape[-1])
-    if dev.type == "cuda":  # the cohort is small: keep it on the device, augment there
-        volumes = volumes.to(dev)
-    if config.precision in AUTOCAST_DTYPES:
-        # Every model's first layer is a convolution, which autocast feeds in this dtype anyway,
-        # and shifts/flips copy values exactly: holding the cohort in it changes no result and
-        # halves the bytes each batch copies.
-        volumes = volumes.to(AUTOCAST_DTYPES[config.precision])
-    weights = model_weights(model_name, config.weights)
-    model = get_spec(model_name).build(size=size, weights=weights).to(dev)
-    memory_format, step_model = cuda_execution(model, dev, config)
+    """Train ``model_name`` from scratch (or from ``config.weights``) on one fold and predict
+    its held-out part: the stages of :class:`FoldTrainer`, in order."""
+    return FoldTrainer(model_name, fold, config, seed=seed, device=device).run(on_epoch)
 
-    fit_idx, val_idx = np.asarray(train_idx), np.zeros(0, dtype=int)
-    if config.inner_val > 0:
+
+@dataclass
+class _Optimisation:
+    """What the epochs step: the optimiser, its learning-rate schedule, the loss's class
+    weights (or None) and fp16's gradient scaler (or None)."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.StepLR
+    weight: torch.Tensor | None
+    scaler: torch.amp.GradScaler | None
+
+
+class FoldTrainer:
+    """One fold's training as named stages, which :meth:`run` takes in this order:
+
+    1. :meth:`__init__` — the device, the seeds, the cohort on the device, the network, and
+       the inner-validation split of the training part (when ``config.inner_val`` > 0);
+    2. :meth:`pretext` — optional: the backbone learns lesion occupancy from the training maps;
+    3. :meth:`train_epoch` — one pass of SGD over the augmented training part, per epoch;
+    4. :meth:`curve_point` — the held-out loss and accuracy for the learning curves (they never
+       select an epoch) and :meth:`stop_early` on the inner-validation loss;
+    5. :meth:`restore_best` and :meth:`recalibrate` — the best inner-validation weights, and
+       BatchNorm statistics that match the final weights;
+    6. :meth:`infer` — the held-out probabilities, the timings and the weights.
+
+    The seeds are drawn in this order, so a fold is bit-identical for a seed and thread count.
+    """
+
+    def __init__(
+        self, model_name: str, fold: FoldData, config: TrainConfig, *, seed: int, device: str
+    ):
+        self.model_name, self.config, self.seed = model_name, config, seed
+        self.dev = resolve_device(device)
+        prepare_device(self.dev, config.precision)
+        torch.manual_seed(seed)
+        self.np_rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.labels = fold.labels
+        self.test_idx = fold.test_idx
+        self.volumes = self._placed(fold.volumes)
+        weights = model_weights(model_name, config.weights)
+        size = int(fold.volumes.shape[-1])
+        self.model = get_spec(model_name).build(size=size, weights=weights).to(self.dev)
+        self.memory_format, self.step_model = cuda_execution(self.model, self.dev, config)
+        self.fit_idx, self.val_idx = self._inner_split(np.asarray(fold.train_idx))
+        self.curves: list[dict] = []
+        self.best: tuple[float, dict | None, int] = (math.inf, None, 0)
+        self.epochs_run = 0
+        self._calibrated = False
+
+    def _placed(self, volumes: torch.Tensor) -> torch.Tensor:
+        if self.dev.type == "cuda":  # the cohort is small: keep it on the device, augment there
+            volumes = volumes.to(self.dev)
+        if self.config.precision in AUTOCAST_DTYPES:
+            # Every model's first layer is a convolution, which autocast feeds in this dtype
+            # anyway, and shifts/flips copy values exactly: holding the cohort in it changes no
+            # result and halves the bytes each batch copies.
+            volumes = volumes.to(AUTOCAST_DTYPES[self.config.precision])
+        return volumes
+
+    def _inner_split(self, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.config.inner_val <= 0:
+            return train_idx, np.zeros(0, dtype=int)
         fit_idx, val_idx = train_test_split(
-            fit_idx, test_size=config.inner_val, stratify=labels[fit_idx], random_state=seed
+            train_idx,
+            test_size=self.config.inner_val,
+            stratify=self.labels[train_idx],
+            random_state=self.seed,
         )
-    t0 = _clock(dev)
-    if config.pretext_epochs:
-        # The pretext reads the training maps only (never a label, never a held-out map).
-        # Imported here: pretrain builds on this module.
-        from .pretrain import pretext_fit
+        return fit_idx, val_idx
 
+    def run(self, on_epoch: EpochCallback | None = None) -> FoldOutput:
+        """Every stage, in order; returns the fold's output."""
+        t0 = clock(self.dev)
+        self.pretext()
+        optimisation = self.optimisation()
+        for epoch in range(1, self.config.epochs + 1):
+            te = clock(self.dev)
+            row = self.train_epoch(epoch, optimisation)
+            self.curve_point(row, epoch)
+            row["seconds"] = clock(self.dev) - te
+            self.curves.append(row)
+            if on_epoch:
+                on_epoch(epoch, self.config.epochs)
+            if self.stop_early(epoch):
+                break
+        self.restore_best()
+        self.recalibrate()
+        return self.infer(train_seconds=clock(self.dev) - t0)
+
+    def pretext(self) -> None:
+        """The optional pretext on the training maps only (never a label, never a held-out
+        map), before the supervised epochs."""
+        c = self.config
+        if not c.pretext_epochs:
+            return
         pretext = PretrainConfig(
-            epochs=config.pretext_epochs,
-            batch_size=max(2, config.batch_size),
-            shift=config.shift,
-            flip=config.flip,
-            precision=config.precision,
+            epochs=c.pretext_epochs,
+            batch_size=max(2, c.batch_size),
+            shift=c.shift,
+            flip=c.flip,
+            precision=c.precision,
         )
-        pretext_fit(model, volumes, fit_idx, pretext, seed, dev)
-    y_all = torch.as_tensor(labels, dtype=torch.long)
-    weight = None
-    if config.class_weights:
-        counts = np.bincount(labels[fit_idx], minlength=2).astype(float)
-        weight = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
-        weight = weight.to(dev)
-    opt = make_optimizer(model, config)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size, gamma=config.gamma)
-    scaler = (
-        torch.amp.GradScaler("cuda") if config.precision == "fp16" and dev.type == "cuda" else None
-    )
+        pretext_fit(self.model, self.volumes, self.fit_idx, pretext, self.seed, self.dev)
 
-    def calibrate() -> None:
-        # Recalibration is deterministic for given weights, so it runs once per set of weights
-        # (the curve point, the inner validation and the end of training share it).
-        nonlocal calibrated
-        if not calibrated:
-            recalibrate_batchnorm(model, volumes[fit_idx], dev, config.precision)
-            calibrated = True
+    def optimisation(self) -> _Optimisation:
+        """The paper's SGD and step schedule, inverse-frequency class weights if asked for,
+        and a gradient scaler for fp16 on a GPU."""
+        c, dev = self.config, self.dev
+        weight = None
+        if c.class_weights:
+            counts = np.bincount(self.labels[self.fit_idx], minlength=2).astype(float)
+            weight = torch.as_tensor(
+                counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32
+            )
+            weight = weight.to(dev)
+        opt = make_optimizer(self.model, c)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.step_size, gamma=c.gamma)
+        fp16_gpu = c.precision == "fp16" and dev.type == "cuda"
+        return _Optimisation(opt, sched, weight, torch.amp.GradScaler("cuda") if fp16_gpu else None)
 
-    calibrated = False
-    curves: list[dict] = []
-    best = (math.inf, None, 0)
-    epochs_run = 0
-    for epoch in range(1, config.epochs + 1):
-        te = _clock(dev)
-        model.train()
-        order = np_rng.permutation(fit_idx)
-        bounds = batch_bounds(len(order), config.batch_size)
+    def train_epoch(self, epoch: int, o: _Optimisation) -> dict:
+        """One pass over the shuffled, augmented training part; the epoch's curve row."""
+        c, dev = self.config, self.dev
+        self.model.train()
+        order = self.np_rng.permutation(self.fit_idx)
         # the epoch's labels in order, copied to the device once (not once per step)
-        y_order = y_all[torch.from_numpy(order)].to(dev)
-        lr = opt.param_groups[0]["lr"]
+        y_order = torch.as_tensor(self.labels, dtype=torch.long)[torch.from_numpy(order)].to(dev)
+        lr = o.opt.param_groups[0]["lr"]
         # summed on the device and read once per epoch: no host-device sync per step (the
         # float64 sums equal the per-step Python floats they replace)
         total_loss = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
-        seen = 0
-        for start, stop in bounds:
-            bidx = order[start:stop]
-            xb = augmented_batch(volumes, bidx, config.shift, config.flip, gen).to(dev)
-            if memory_format is not None:
-                xb = xb.contiguous(memory_format=memory_format)
-            yb = y_order[start:stop]
-            with _autocast(dev, config.precision):
-                logits = step_model(xb)
-                loss = F.cross_entropy(logits.float(), yb, weight=weight)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            total_loss += loss.detach().double() * len(bidx)
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(bidx)
-        sched.step()
-        epochs_run = epoch
-        calibrated = False  # the weights moved: BatchNorm statistics are stale
-        row = {
+        for start, stop in batch_bounds(len(order), c.batch_size):
+            xb = augmented_batch(self.volumes, order[start:stop], c.shift, c.flip, self.gen)
+            xb = xb.to(dev)
+            if self.memory_format is not None:
+                xb = xb.contiguous(memory_format=self.memory_format)
+            loss, logits = self._step(xb, y_order[start:stop], o)
+            total_loss += loss.detach().double() * (stop - start)
+            correct += (logits.argmax(1) == y_order[start:stop]).sum()
+        o.sched.step()
+        self.epochs_run = epoch
+        self._calibrated = False  # the weights moved: BatchNorm statistics are stale
+        seen = max(len(order), 1)
+        return {
             "epoch": epoch,
             "lr": lr,
-            "train_loss": float(total_loss) / max(seen, 1),
-            "train_accuracy": int(correct) / max(seen, 1),
+            "train_loss": float(total_loss) / seen,
+            "train_accuracy": int(correct) / seen,
             "test_loss": math.nan,
             "test_accuracy": math.nan,
         }
-        if len(test_idx) and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            calibrate()
-            row["test_loss"], row["test_accuracy"] = _loss_acc(
-                model, volumes[test_idx], labels[test_idx], dev, config.precision
-            )
-        row["seconds"] = _clock(dev) - te
-        curves.append(row)
-        if on_epoch:
-            on_epoch(epoch, config.epochs)
-        if len(val_idx):
-            calibrate()
-            vloss, _ = _loss_acc(model, volumes[val_idx], labels[val_idx], dev, config.precision)
-            if vloss < best[0] - 1e-6:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = (vloss, state, epoch)
-            elif epoch - best[2] >= config.patience:
-                break
-    if len(val_idx) and best[1] is not None:
-        model.load_state_dict(best[1])
-        calibrated = False
-    calibrate()
-    train_seconds = _clock(dev) - t0
-    ti = _clock(dev)
-    prob = predict_proba(model, volumes[test_idx], dev, config.precision)
-    if not np.isfinite(prob).all():
-        from ..errors import NmosdError
 
-        raise NmosdError(
-            f"{model_name}: training diverged (non-finite outputs); try a lower learning rate"
+    def _step(
+        self, xb: torch.Tensor, yb: torch.Tensor, o: _Optimisation
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.dev, self.config.precision):
+            logits = self.step_model(xb)
+            loss = F.cross_entropy(logits.float(), yb, weight=o.weight)
+        o.opt.zero_grad(set_to_none=True)
+        if o.scaler is not None:
+            o.scaler.scale(loss).backward()
+            o.scaler.step(o.opt)
+            o.scaler.update()
+        else:
+            loss.backward()
+            o.opt.step()
+        return loss, logits
+
+    def curve_point(self, row: dict, epoch: int) -> None:
+        """The held-out loss and accuracy every ``eval_every`` epochs and at the last one (for
+        the learning curves only)."""
+        c = self.config
+        if len(self.test_idx) and (epoch % c.eval_every == 0 or epoch == c.epochs):
+            self.recalibrate()
+            row["test_loss"], row["test_accuracy"] = _loss_acc(
+                self.model,
+                self.volumes[self.test_idx],
+                self.labels[self.test_idx],
+                self.dev,
+                c.precision,
+            )
+
+    def stop_early(self, epoch: int) -> bool:
+        """Keep the weights of the best inner-validation loss; True once it has not improved
+        for ``patience`` epochs (never without an inner-validation part)."""
+        if not len(self.val_idx):
+            return False
+        self.recalibrate()
+        vloss, _ = _loss_acc(
+            self.model,
+            self.volumes[self.val_idx],
+            self.labels[self.val_idx],
+            self.dev,
+            self.config.precision,
         )
-    inference_ms = (_clock(dev) - ti) * 1000 / max(len(test_idx), 1)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return FoldOutput(
-        prob_nmosd=prob,
-        curves=curves,
-        train_seconds=train_seconds,
-        epochs=epochs_run,
-        inference_ms=inference_ms,
-        peak_memory_mb=_peak_memory_mb(dev),
-        state_dict=state,
-        n_fit=len(fit_idx),
-        device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        host=socket.gethostname(),
-    )
+        if vloss < self.best[0] - 1e-6:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = (vloss, state, epoch)
+            return False
+        return epoch - self.best[2] >= self.config.patience
+
+    def restore_best(self) -> None:
+        """Go back to the best inner-validation weights, if there was an inner validation."""
+        if len(self.val_idx) and self.best[1] is not None:
+            self.model.load_state_dict(self.best[1])
+            self._calibrated = False
+
+    def recalibrate(self) -> None:
+        """BatchNorm statistics for the current weights, from the training part. Deterministic
+        for given weights, so it runs once per set of weights (the curve point, the inner
+        validation and the end of training share it)."""
+        if not self._calibrated:
+            recalibrate_batchnorm(
+                self.model, self.volumes[self.fit_idx], self.dev, self.config.precision
+            )
+            self._calibrated = True
+
+    def infer(self, train_seconds: float) -> FoldOutput:
+        """The held-out probabilities (refused when non-finite: training diverged), the time
+        per subject, the peak memory and the weights on the CPU."""
+        dev = self.dev
+        ti = clock(dev)
+        prob = predict_proba(self.model, self.volumes[self.test_idx], dev, self.config.precision)
+        if not np.isfinite(prob).all():
+            raise NmosdError(
+                f"{self.model_name}: training diverged (non-finite outputs); try a lower "
+                "learning rate"
+            )
+        inference_ms = (clock(dev) - ti) * 1000 / max(len(self.test_idx), 1)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        name = str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+        return FoldOutput(
+            prob_nmosd=prob,
+            curves=self.curves,
+            train_seconds=train_seconds,
+            epochs=self.epochs_run,
+            inference_ms=inference_ms,
+            peak_memory_mb=peak_memory_mb(dev),
+            state_dict=state,
+            n_fit=len(self.fit_idx),
+            device=name,
+            host=socket.gethostname(),
+        )
 
 
 def train_sklearn_fold(
@@ -458,5 +445,5 @@ def train_sklearn_fold(
         train_seconds=train_seconds,
         epochs=0,
         inference_ms=inference_ms,
-        peak_memory_mb=_peak_memory_mb(torch.device("cpu")),
+        peak_memory_mb=peak_memory_mb(torch.device("cpu")),
     )
